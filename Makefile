@@ -1,0 +1,26 @@
+# The two commands of the README quick start: `make demo` and `make test`.
+# Both create (or reuse) .venv with the exact CI pins of constraints/ci.txt.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.saltsegment-installed
+DEMO_OUT ?= demo-output
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints/ci.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints/ci.txt -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/saltsegment demo --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest Testing
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
