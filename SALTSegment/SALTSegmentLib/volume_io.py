@@ -1,0 +1,223 @@
+"""Reading and writing volumes and label maps with SimpleITK.
+
+Arrays are always (z, y, x) numpy arrays, as SimpleITK returns them; the
+geometry (spacing, origin, direction, in SimpleITK's LPS convention) travels
+beside the array in :class:`VolumeGeometry` so outputs land on exactly the
+input's grid. Slicer ``.seg.nrrd`` files keep their segment names and colours.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .atomic_files import atomic_path
+
+
+class VolumeReadError(ValueError):
+    """A file or folder could not be read as a 3D volume."""
+
+
+@dataclass(frozen=True)
+class VolumeGeometry:
+    """Voxel grid of a volume: size (x, y, z), spacing in mm, origin and direction (LPS)."""
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    @classmethod
+    def from_image(cls, image: sitk.Image) -> "VolumeGeometry":
+        return cls(
+            size=tuple(int(v) for v in image.GetSize()),
+            spacing=tuple(float(v) for v in image.GetSpacing()),
+            origin=tuple(float(v) for v in image.GetOrigin()),
+            direction=tuple(float(v) for v in image.GetDirection()),
+        )
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def differences(self, other: "VolumeGeometry", tolerance: float = 1e-4) -> list[str]:
+        """Names of the properties in which two grids differ (empty when they match)."""
+        diffs = []
+        if tuple(self.size) != tuple(other.size):
+            diffs.append(f"size {self.size} vs {other.size}")
+        for name in ("spacing", "origin", "direction"):
+            a, b = np.asarray(getattr(self, name)), np.asarray(getattr(other, name))
+            scale = 1.0 if name == "direction" else max(1.0, float(np.abs(a).max(initial=0.0)))
+            if not np.allclose(a, b, atol=tolerance * scale, rtol=0):
+                diffs.append(f"{name} {tuple(np.round(a, 4))} vs {tuple(np.round(b, 4))}")
+        return diffs
+
+    def to_dict(self) -> dict:
+        return {"size": list(self.size), "spacing": list(self.spacing),
+                "origin": list(self.origin), "direction": list(self.direction)}
+
+
+@dataclass
+class Segment:
+    """One labelled structure: its value in the label map, name and display colour (RGB in 0..1)."""
+
+    label: int
+    name: str
+    color: tuple[float, float, float] = field(default=(0.5, 0.5, 0.5))
+
+
+# A palette for segments that arrive without colours (plain label maps).
+_PALETTE = [
+    (0.90, 0.35, 0.30), (0.30, 0.65, 0.90), (0.40, 0.80, 0.40), (0.95, 0.75, 0.25),
+    (0.70, 0.45, 0.85), (0.30, 0.85, 0.80), (0.95, 0.55, 0.75), (0.65, 0.55, 0.35),
+]
+
+
+def default_color(label: int) -> tuple[float, float, float]:
+    return _PALETTE[(label - 1) % len(_PALETTE)]
+
+
+def _read_sitk(path: str | os.PathLike) -> sitk.Image:
+    path = Path(path)
+    if not path.exists():
+        raise VolumeReadError(f"File not found: {path}")
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path))
+            if not series:
+                raise VolumeReadError(f"No DICOM series found in folder {path}")
+            if len(series) > 1:
+                raise VolumeReadError(
+                    f"Folder {path} holds {len(series)} DICOM series; put one series per folder")
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+            return reader.Execute()
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.LoadPrivateTagsOn()
+        return reader.Execute()
+    except VolumeReadError:
+        raise
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
+        raise VolumeReadError(f"Cannot read {path}: {first_line}") from None
+
+
+def _require_3d_scalar(image: sitk.Image, path: str | os.PathLike) -> None:
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise VolumeReadError(
+            f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+            "a scalar (single-channel) 3D volume is needed")
+    if image.GetDimension() != 3:
+        raise VolumeReadError(f"{path} is {image.GetDimension()}D; a 3D volume is needed")
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, VolumeGeometry]:
+    """Read a scalar 3D image (NIfTI, NRRD, MHA, ... or a DICOM series folder) as float32 (z, y, x)."""
+    image = _read_sitk(path)
+    _require_3d_scalar(image, path)
+    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    return array, VolumeGeometry.from_image(image)
+
+
+def _segments_from_metadata(image: sitk.Image) -> list[Segment]:
+    """Slicer ``.seg.nrrd`` header fields ``SegmentN_Name`` / ``_Color`` / ``_LabelValue``."""
+    keys = set(image.GetMetaDataKeys())
+    segments = []
+    index = 0
+    while f"Segment{index}_Name" in keys:
+        prefix = f"Segment{index}_"
+        label = int(image.GetMetaData(prefix + "LabelValue")) if prefix + "LabelValue" in keys else index + 1
+        layer = int(image.GetMetaData(prefix + "Layer")) if prefix + "Layer" in keys else 0
+        if layer != 0:
+            raise VolumeReadError(
+                "This segmentation stores overlapping segments in several layers; "
+                "save it with non-overlapping segments (one layer) to use it here")
+        color = default_color(label)
+        if prefix + "Color" in keys:
+            values = [float(v) for v in image.GetMetaData(prefix + "Color").split()]
+            if len(values) == 3:
+                color = tuple(values)
+        segments.append(Segment(label=label, name=image.GetMetaData(prefix + "Name"), color=color))
+        index += 1
+    return segments
+
+
+def read_label_map(path: str | os.PathLike) -> tuple[np.ndarray, VolumeGeometry, list[Segment]]:
+    """Read a label map (0 = background) and its segments.
+
+    Names and colours come from a Slicer ``.seg.nrrd`` header when present;
+    plain label maps get ``Segment_<label>`` names for every value found.
+    """
+    image = _read_sitk(path)
+    _require_3d_scalar(image, path)
+    pixel = image.GetPixelID()
+    if pixel in (sitk.sitkFloat32, sitk.sitkFloat64):
+        array = sitk.GetArrayFromImage(image)
+        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+            raise VolumeReadError(f"{path} holds non-integer values; a label map must hold whole numbers")
+    else:
+        array = sitk.GetArrayFromImage(image)
+    if array.min(initial=0) < 0:
+        raise VolumeReadError(f"{path} holds negative labels; labels must be 0 (background) or positive")
+    if array.max(initial=0) > np.iinfo(np.uint16).max:
+        raise VolumeReadError(f"{path} holds labels above {np.iinfo(np.uint16).max}")
+    array = array.astype(np.uint16)
+    segments = _segments_from_metadata(image)
+    if not segments:
+        segments = [Segment(label=int(v), name=f"Segment_{int(v)}", color=default_color(int(v)))
+                    for v in np.unique(array) if v != 0]
+    return array, VolumeGeometry.from_image(image), segments
+
+
+def _image_from_array(array: np.ndarray, geometry: VolumeGeometry) -> sitk.Image:
+    if tuple(array.shape[::-1]) != tuple(geometry.size):
+        raise ValueError(f"Array shape {array.shape} (z, y, x) does not match grid size {geometry.size} (x, y, z)")
+    return geometry.apply_to(sitk.GetImageFromArray(array))
+
+
+def _add_slicer_segment_fields(image: sitk.Image, segments: list[Segment]) -> None:
+    """Header fields Slicer's segmentation storage node reads (one shared labelmap layer)."""
+    size = image.GetSize()
+    extent = f"0 {size[0] - 1} 0 {size[1] - 1} 0 {size[2] - 1}"
+    image.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
+    image.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
+    image.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
+    for index, segment in enumerate(segments):
+        prefix = f"Segment{index}_"
+        image.SetMetaData(prefix + "ID", f"Segment_{segment.label}")
+        image.SetMetaData(prefix + "Name", segment.name)
+        image.SetMetaData(prefix + "NameAutoGenerated", "0")
+        image.SetMetaData(prefix + "Color", " ".join(f"{c:.6g}" for c in segment.color))
+        image.SetMetaData(prefix + "ColorAutoGenerated", "0")
+        image.SetMetaData(prefix + "LabelValue", str(segment.label))
+        image.SetMetaData(prefix + "Layer", "0")
+        image.SetMetaData(prefix + "Extent", extent)
+        image.SetMetaData(prefix + "Tags", "|")
+
+
+def write_label_map(path: str | os.PathLike, array: np.ndarray, geometry: VolumeGeometry,
+                    segments: list[Segment]) -> Path:
+    """Write a label map atomically; ``.seg.nrrd`` files carry the segment names and colours."""
+    path = Path(path)
+    image = _image_from_array(np.ascontiguousarray(array, dtype=np.uint16 if array.max(initial=0) > 255 else np.uint8),
+                              geometry)
+    if path.name.endswith(".seg.nrrd"):
+        _add_slicer_segment_fields(image, segments)
+    with atomic_path(path) as temporary:
+        sitk.WriteImage(image, str(temporary), useCompression=True)
+    return path
+
+
+def write_image(path: str | os.PathLike, array: np.ndarray, geometry: VolumeGeometry) -> Path:
+    """Write a scalar image atomically (format from the extension)."""
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        sitk.WriteImage(_image_from_array(np.ascontiguousarray(array), geometry), str(temporary), useCompression=True)
+    return path
