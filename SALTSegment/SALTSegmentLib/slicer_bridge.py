@@ -1,0 +1,344 @@
+"""MRML bridge: volume and segmentation nodes <-> numpy arrays and engine files.
+
+The only engine file that imports ``slicer`` and ``vtk``; it works in the
+Slicer application and in plain CPython with the ``slicer-core`` wheel.
+
+Conventions:
+
+- Arrays are (z, y, x) = (k, j, i), the order SimpleITK and the engine use.
+- ``ijk_to_ras`` is a 4x4 numpy matrix in Slicer's RAS world;
+  :class:`~SALTSegmentLib.volume_io.VolumeGeometry` is in SimpleITK's LPS
+  world. The two differ by flipping the sign of the first two rows.
+- Nodes under a parent transform are refused with a message that says how
+  to harden the transform: silently resampling would put the results on a
+  grid the user does not see, and hardening changes the user's data, which
+  only the user should decide.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from .volume_io import Segment, VolumeGeometry, read_label_map, write_image, write_label_map
+
+_RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+# Anatomical slice axis -> the RAS world axis its slices are perpendicular to.
+_NORMAL_RAS_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+
+class BridgeError(ValueError):
+    """A node cannot be converted; the message says what the user can do."""
+
+
+def ensure_converter_rules() -> None:
+    """Register the segmentation representation converters when nobody has.
+
+    The Slicer application registers them at start-up; plain CPython with
+    ``slicer-core`` starts with none, and segmentation nodes then cannot make
+    closed surfaces (3D display) from the labelmaps.
+    """
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if len(factory.GetConverterRules()) > 0:
+        return
+    for rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
+                 slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule,
+                 slicer.vtkClosedSurfaceToFractionalLabelmapConversionRule,
+                 slicer.vtkFractionalLabelmapToClosedSurfaceConversionRule):
+        factory.RegisterConverterRule(rule())
+
+
+def check_no_transform(node) -> None:
+    """Raise :class:`BridgeError` when ``node`` is under a (linear or non-linear) transform."""
+    transform = node.GetParentTransformNode()
+    if transform is None:
+        return
+    kind = "linear" if transform.IsTransformToWorldLinear() else "non-linear"
+    raise BridgeError(
+        f"'{node.GetName()}' is under the {kind} transform '{transform.GetName()}'. "
+        "Harden the transform first (Data module: right-click the node, 'Harden transform') "
+        "or remove it, then try again.")
+
+
+# --- geometry ---------------------------------------------------------------------------
+
+def _matrix_to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(row, col) for col in range(4)] for row in range(4)])
+
+
+def _numpy_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for row in range(4):
+        for col in range(4):
+            matrix.SetElement(row, col, float(array[row, col]))
+    return matrix
+
+
+def ijk_to_ras_from_geometry(geometry: VolumeGeometry) -> np.ndarray:
+    """4x4 IJK-to-RAS matrix of an LPS :class:`VolumeGeometry`."""
+    ijk_to_lps = np.eye(4)
+    direction = np.asarray(geometry.direction, dtype=float).reshape(3, 3)
+    ijk_to_lps[:3, :3] = direction @ np.diag(geometry.spacing)
+    ijk_to_lps[:3, 3] = geometry.origin
+    return _RAS_FROM_LPS @ ijk_to_lps
+
+
+def geometry_from_ijk_to_ras(ijk_to_ras: np.ndarray, size: Sequence[int]) -> VolumeGeometry:
+    """LPS :class:`VolumeGeometry` of a grid given by its IJK-to-RAS matrix and size (x, y, z)."""
+    ijk_to_lps = _RAS_FROM_LPS @ np.asarray(ijk_to_ras, dtype=float)
+    spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
+    if np.any(spacing <= 0):
+        raise BridgeError("The volume has a zero spacing along one axis")
+    direction = ijk_to_lps[:3, :3] / spacing
+    return VolumeGeometry(size=tuple(int(v) for v in size),
+                          spacing=tuple(float(v) for v in spacing),
+                          origin=tuple(float(v) for v in ijk_to_lps[:3, 3]),
+                          direction=tuple(float(v) for v in direction.ravel()))
+
+
+def slice_axis(axis: str, ijk_to_ras: np.ndarray) -> int:
+    """Array axis (0 = k, 1 = j, 2 = i) whose slices are closest to the anatomical ``axis`` plane.
+
+    For a volume acquired axially, "axial" is array axis 0; for an oblique or
+    coronal acquisition the axis follows the direction matrix.
+    """
+    if axis not in _NORMAL_RAS_AXIS:
+        raise ValueError(f"Unknown axis {axis!r}; use one of {sorted(_NORMAL_RAS_AXIS)}")
+    directions = np.abs(np.asarray(ijk_to_ras, dtype=float)[:3, :3])
+    directions = directions / np.linalg.norm(directions, axis=0)
+    ijk_index = int(np.argmax(directions[_NORMAL_RAS_AXIS[axis]]))
+    return 2 - ijk_index
+
+
+def labelled_slices(label_map: np.ndarray, axis: int) -> list[int]:
+    """Indices along array ``axis`` of the slices that hold any label."""
+    other = tuple(a for a in range(3) if a != axis)
+    return [int(i) for i in np.flatnonzero(np.any(label_map != 0, axis=other))]
+
+
+# --- volumes ----------------------------------------------------------------------------
+
+def volume_ijk_to_ras(volume_node) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return _matrix_to_numpy(matrix)
+
+
+def volume_to_array(volume_node) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels (z, y, x) (a copy) and the 4x4 IJK-to-RAS matrix of a scalar volume node."""
+    check_no_transform(volume_node)
+    image = volume_node.GetImageData()
+    if image is None or image.GetPointData().GetScalars() is None:
+        raise BridgeError(f"Volume '{volume_node.GetName()}' holds no voxels")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise BridgeError(f"Volume '{volume_node.GetName()}' has {image.GetNumberOfScalarComponents()} "
+                          "components per voxel; a scalar volume is needed")
+    nx, ny, nz = image.GetDimensions()
+    array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(nz, ny, nx).copy()
+    return array, volume_ijk_to_ras(volume_node)
+
+
+def volume_geometry(volume_node) -> VolumeGeometry:
+    check_no_transform(volume_node)
+    return geometry_from_ijk_to_ras(volume_ijk_to_ras(volume_node), volume_node.GetImageData().GetDimensions())
+
+
+def update_volume_from_array(volume_node, array: np.ndarray, ijk_to_ras: np.ndarray) -> None:
+    """Fill a volume node with a (z, y, x) array on the grid ``ijk_to_ras``."""
+    array = np.ascontiguousarray(array)
+    image = vtk.vtkImageData()
+    image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array.ravel(), deep=True))
+    volume_node.SetIJKToRASMatrix(_numpy_to_matrix(ijk_to_ras))
+    volume_node.SetAndObserveImageData(image)
+
+
+def _oriented_image(array: np.ndarray, ijk_to_ras: np.ndarray):
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(
+        np.ascontiguousarray(array, dtype=np.uint8).ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
+    image.SetImageToWorldMatrix(_numpy_to_matrix(ijk_to_ras))
+    return image
+
+
+# --- segmentations ----------------------------------------------------------------------
+
+def segment_ids(segmentation_node) -> list[str]:
+    segmentation = segmentation_node.GetSegmentation()
+    return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+
+
+def find_segment_id(segmentation_node, name: str) -> str | None:
+    """ID of the first segment called ``name`` (names are what the adapter knows segments by)."""
+    segmentation = segmentation_node.GetSegmentation()
+    for segment_id in segment_ids(segmentation_node):
+        if segmentation.GetSegment(segment_id).GetName() == name:
+            return segment_id
+    return None
+
+
+def segment_mask(segmentation_node, segment_id: str, shape: Sequence[int], ijk_to_ras: np.ndarray) -> np.ndarray:
+    """Binary mask (z, y, x) of one segment resampled (nearest) onto the grid ``ijk_to_ras``."""
+    # This is the segment's whole labelmap layer, which it may share with
+    # other segments: the segment is the voxels holding its label value.
+    source = slicer.vtkOrientedImageData()
+    slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+        segmentation_node, segment_id, source)
+    label_value = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
+    mask = np.zeros(tuple(shape), dtype=np.uint8)
+    if source.GetPointData().GetScalars() is None or source.IsEmpty():
+        return mask
+    reference = _oriented_image(mask, ijk_to_ras)
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        source, reference, resampled, False)
+    extent = resampled.GetExtent()
+    if extent[1] < extent[0]:
+        return mask
+    values = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(
+        extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    # The resampled image covers the reference extent only where the segment has voxels.
+    k0, j0, i0 = max(extent[4], 0), max(extent[2], 0), max(extent[0], 0)
+    k1, j1, i1 = min(extent[5] + 1, shape[0]), min(extent[3] + 1, shape[1]), min(extent[1] + 1, shape[2])
+    if k1 > k0 and j1 > j0 and i1 > i0:
+        mask[k0:k1, j0:j1, i0:i1] = values[k0 - extent[4]:k1 - extent[4], j0 - extent[2]:j1 - extent[2],
+                                           i0 - extent[0]:i1 - extent[0]] == label_value
+    return mask
+
+
+@dataclass
+class LabelMapExport:
+    """Selected segments as one label map on a volume's grid; label i+1 is ``segment_ids[i]``."""
+
+    array: np.ndarray
+    ijk_to_ras: np.ndarray
+    segments: list[Segment]
+    segment_ids: list[str]
+
+    @property
+    def geometry(self) -> VolumeGeometry:
+        return geometry_from_ijk_to_ras(self.ijk_to_ras, self.array.shape[::-1])
+
+
+def segmentation_to_label_map(segmentation_node, reference_volume_node,
+                              selected_ids: Iterable[str] | None = None) -> LabelMapExport:
+    """Label map (z, y, x, uint16) of the selected segments on the reference volume's grid.
+
+    Labels are 1..N in the order of ``selected_ids`` (all segments when None);
+    where segments overlap, the later one wins. The segmentation's own
+    geometry may differ from the volume's: each segment is resampled.
+    """
+    check_no_transform(segmentation_node)
+    check_no_transform(reference_volume_node)
+    ids = list(segment_ids(segmentation_node) if selected_ids is None else selected_ids)
+    ijk_to_ras = volume_ijk_to_ras(reference_volume_node)
+    nx, ny, nz = reference_volume_node.GetImageData().GetDimensions()
+    array = np.zeros((nz, ny, nx), dtype=np.uint16)
+    segments = []
+    segmentation = segmentation_node.GetSegmentation()
+    for label, segment_id in enumerate(ids, start=1):
+        segment = segmentation.GetSegment(segment_id)
+        if segment is None:
+            raise BridgeError(f"Segment '{segment_id}' is not in '{segmentation_node.GetName()}'")
+        array[segment_mask(segmentation_node, segment_id, array.shape, ijk_to_ras) != 0] = label
+        segments.append(Segment(label=label, name=segment.GetName(), color=tuple(segment.GetColor())))
+    return LabelMapExport(array, ijk_to_ras, segments, ids)
+
+
+def keep_slices(predicted: np.ndarray, drawn: np.ndarray, slices: Iterable[int], axis: int) -> np.ndarray:
+    """``predicted`` with the given slices along ``axis`` taken from ``drawn`` unchanged."""
+    result = predicted.copy()
+    index = [slice(None)] * 3
+    for i in slices:
+        index[axis] = int(i)
+        result[tuple(index)] = drawn[tuple(index)]
+    return result
+
+
+def import_label_map(segmentation_node, label_map: np.ndarray, ijk_to_ras: np.ndarray,
+                     segments: Sequence[Segment], *, replace: bool = True,
+                     protected_slices: Iterable[int] = (), axis: int = 0) -> list[str]:
+    """Write label map values into segments; return the segment IDs written, in ``segments`` order.
+
+    With ``replace``, a segment whose name already exists is replaced, except
+    on ``protected_slices`` (along array ``axis``) where its current voxels are
+    kept exactly as drawn; otherwise a new segment is added. Other segments
+    are never modified (overlaps go to a separate labelmap layer). All
+    changes happen inside one StartModify/EndModify block so views update once.
+    """
+    check_no_transform(segmentation_node)
+    ensure_converter_rules()  # without them a segmentation cannot even create an empty segment
+    label_map = np.asarray(label_map)
+    protected_slices = list(protected_slices)
+    segmentation = segmentation_node.GetSegmentation()
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if segmentation.GetNumberOfSegments() == 0:
+        # An empty segmentation takes the grid of what is imported, so that
+        # later edits in the Segment Editor happen at the volume's resolution.
+        converter = slicer.vtkSegmentationConverter
+        segmentation.SetConversionParameter(
+            converter.GetReferenceImageGeometryParameterName(),
+            converter.SerializeImageGeometry(_oriented_image(np.zeros(label_map.shape, np.uint8), ijk_to_ras)))
+    written = []
+    modifying = segmentation_node.StartModify()
+    try:
+        for segment in segments:
+            mask = (label_map == segment.label).astype(np.uint8)
+            segment_id = find_segment_id(segmentation_node, segment.name) if replace else None
+            if segment_id is None:
+                segment_id = segmentation.AddEmptySegment("", segment.name, list(segment.color))
+            elif protected_slices:
+                drawn = segment_mask(segmentation_node, segment_id, label_map.shape, ijk_to_ras)
+                mask = keep_slices(mask, drawn, protected_slices, axis)
+            image = _oriented_image(mask, ijk_to_ras)
+            if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id,
+                                                    logic.MODE_REPLACE, image.GetExtent()):
+                raise BridgeError(f"Could not write segment '{segment.name}'")
+            written.append(segment_id)
+    finally:
+        segmentation_node.EndModify(modifying)
+    return written
+
+
+# --- files for the worker ---------------------------------------------------------------
+
+def export_volume_file(volume_node, path: str | os.PathLike) -> VolumeGeometry:
+    """Write the volume to an image file the CLI reads; return its LPS geometry."""
+    array, ijk_to_ras = volume_to_array(volume_node)
+    geometry = geometry_from_ijk_to_ras(ijk_to_ras, array.shape[::-1])
+    write_image(path, array, geometry)
+    return geometry
+
+
+def export_label_map_file(segmentation_node, reference_volume_node, selected_ids: Iterable[str] | None,
+                          path: str | os.PathLike) -> LabelMapExport:
+    """Write the selected segments as a ``.seg.nrrd`` (names, colours) on the volume's grid."""
+    exported = segmentation_to_label_map(segmentation_node, reference_volume_node, selected_ids)
+    write_label_map(path, exported.array, exported.geometry, exported.segments)
+    return exported
+
+
+def import_label_map_file(path: str | os.PathLike, segmentation_node, reference_volume_node, *,
+                          replace: bool = True, protected_slices: Iterable[int] = (),
+                          axis: int = 0) -> list[str]:
+    """Read a label map written by the CLI and put it into the segmentation (see :func:`import_label_map`).
+
+    The file must lie on the reference volume's grid (the CLI writes its
+    output on the input image's grid).
+    """
+    array, geometry, segments = read_label_map(path)
+    expected = volume_geometry(reference_volume_node)
+    differences = expected.differences(geometry)
+    if differences:
+        raise BridgeError(f"{os.path.basename(str(path))} is not on the grid of "
+                          f"'{reference_volume_node.GetName()}': " + "; ".join(differences))
+    return import_label_map(segmentation_node, array, volume_ijk_to_ras(reference_volume_node), segments,
+                            replace=replace, protected_slices=protected_slices, axis=axis)

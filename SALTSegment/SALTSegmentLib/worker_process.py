@@ -1,0 +1,303 @@
+"""Running the CLI worker as a child process: command lines in, progress out.
+
+The Slicer module drives the worker with a QProcess; this file holds what
+does not need Qt, so it is tested in plain Python: the settings of each
+command and their argument lists, the environment of the child, and
+:class:`WorkerMonitor`, which turns the JSON lines of
+:mod:`~SALTSegmentLib.worker_protocol` into progress text, a loss history,
+result paths and errors. :class:`SubprocessWorker` is the same driver on
+``subprocess`` for headless use and tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from .worker_protocol import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, parse_line
+
+CLI_MODULE = "SALTSegmentLib.cli"
+METHODS = ("salt", "lora", "ssam", "decoder", "full")
+DEVICES = ("auto", "cuda", "cpu")
+AXES = ("axial", "coronal", "sagittal")
+PROPAGATION_MODES = ("auto", "box")
+
+
+def _option(name: str, value: Any) -> list[str]:
+    return [] if value is None or value == "" else [name, str(value)]
+
+
+@dataclass
+class TrainSettings:
+    """``saltsegment train``: fine-tune an adapter on the labelled slices of one volume."""
+
+    image: str
+    labels: str
+    out: str
+    method: str = "salt"
+    model: str | None = None
+    weights: str | None = None
+    segments: Sequence[str] = ()
+    slices: Sequence[int] = ()
+    axis: str = "axial"
+    steps: int | None = None
+    device: str = "auto"
+    rank: str | None = None     # a rank preset name; None keeps the method's default
+
+    def arguments(self) -> list[str]:
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("axis", self.axis, AXES)
+        if any("," in name for name in self.segments):
+            raise ValueError("Segment names used for training cannot contain commas")
+        return (["train", "--image", str(self.image), "--labels", str(self.labels), "--out", str(self.out),
+                 "--method", self.method]
+                + _option("--model", self.model) + _option("--weights", self.weights)
+                + (["--segments", ",".join(self.segments)] if self.segments else [])
+                + (["--slices", ",".join(str(int(i)) for i in self.slices)] if self.slices else [])
+                + ["--axis", self.axis] + _option("--steps", self.steps) + _option("--rank", self.rank)
+                + ["--device", self.device, "--progress", "json"])
+
+
+@dataclass
+class PropagateSettings:
+    """``saltsegment propagate``: segment every slice (or ``first``..``last``) with an adapter."""
+
+    image: str
+    adapter: str
+    out: str
+    labels: str | None = None   # the user's drawn slices: kept as drawn, and seeds for box mode
+    mode: str = "auto"
+    first: int | None = None
+    last: int | None = None
+    device: str = "auto"
+
+    def arguments(self) -> list[str]:
+        _check_choice("mode", self.mode, PROPAGATION_MODES)
+        _check_choice("device", self.device, DEVICES)
+        if (self.first is None) != (self.last is None):
+            raise ValueError("Give both ends of the slice range, or neither")
+        slice_range = None
+        if self.first is not None:
+            if self.first < 0 or self.last < self.first:
+                raise ValueError(f"Invalid slice range {self.first}:{self.last}")
+            slice_range = f"{int(self.first)}:{int(self.last)}"
+        return (["propagate", "--image", str(self.image), "--adapter", str(self.adapter), "--out", str(self.out)]
+                + _option("--labels", self.labels) + ["--mode", self.mode] + _option("--range", slice_range)
+                + ["--device", self.device, "--progress", "json"])
+
+
+@dataclass
+class EvaluateSettings:
+    """``saltsegment evaluate``: overlap and distance metrics of a prediction against a reference."""
+
+    pred: str
+    ref: str
+
+    def arguments(self) -> list[str]:
+        return ["evaluate", "--pred", str(self.pred), "--ref", str(self.ref), "--json"]
+
+
+@dataclass
+class ModelsSettings:
+    """``saltsegment models``: list base models, or download one (only when the user asked)."""
+
+    download: str | None = None
+
+    def arguments(self) -> list[str]:
+        return ["models", "--download", self.download] if self.download else ["models", "--json"]
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}; use one of {', '.join(choices)}")
+
+
+def worker_command(settings, python: str | None = None) -> list[str]:
+    """Full argument list: ``python -m SALTSegmentLib.cli <command> ...``."""
+    return [python or sys.executable, "-m", CLI_MODULE, *settings.arguments()]
+
+
+def worker_environment(module_dir: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment of the child: the module folder first on PYTHONPATH, unbuffered output."""
+    environment = dict(os.environ if base is None else base)
+    paths = [module_dir] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
+    environment["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    environment["PYTHONUNBUFFERED"] = "1"
+    return environment
+
+
+def format_duration(seconds: float | None) -> str:
+    """Human ETA text: ``45 s``, ``3 min 05 s``, ``1 h 02 min``."""
+    if seconds is None or seconds != seconds or seconds < 0:
+        return ""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {(seconds % 3600) // 60:02d} min"
+
+
+@dataclass
+class WorkerOutcome:
+    """How a worker run ended. ``status`` is ``"ok"``, ``"cancelled"`` or ``"error"``."""
+
+    status: str
+    message: str
+    exit_code: int
+    outputs: dict[str, str] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class WorkerMonitor:
+    """State of one worker run, built from its output; feed it text as it arrives."""
+
+    LOG_LINES = 50
+
+    def __init__(self) -> None:
+        self.command: str | None = None
+        self.device: str | None = None
+        self.phase: str | None = None
+        self.step = 0
+        self.total: int | None = None
+        self.loss: float | None = None
+        self.eta_s: float | None = None
+        self.elapsed_s: float | None = None
+        self.losses: list[tuple[int, float]] = []
+        self.checkpoints: list[str] = []
+        self.messages: list[str] = []
+        self.outputs: dict[str, str] = {}
+        self.summary: dict[str, Any] = {}
+        self.error: str | None = None
+        self.hint: str | None = None
+        self.finished = False
+        self.log: list[str] = []
+        self._partial = ""
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        """Take a chunk of output (lines may be split across chunks); return the events it completed."""
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        return [event for event in map(self.feed_line, lines) if event is not None]
+
+    def flush(self) -> list[dict[str, Any]]:
+        """Process a last line that ended without a newline."""
+        rest, self._partial = self._partial, ""
+        event = self.feed_line(rest) if rest.strip() else None
+        return [event] if event else []
+
+    def feed_line(self, line: str) -> dict[str, Any] | None:
+        event = parse_line(line)
+        if event is None:
+            if line.strip():
+                self.log = (self.log + [line.rstrip()])[-self.LOG_LINES:]
+            return None
+        kind = event["event"]
+        if kind == "start":
+            self.command = event.get("command", self.command)
+            self.total = event.get("total", self.total)
+            self.device = event.get("device", self.device)
+        elif kind == "progress":
+            self.phase = event.get("phase", self.phase)
+            self.step = int(event.get("step", self.step))
+            self.total = event.get("total", self.total)
+            self.eta_s = event.get("eta_s")
+            self.elapsed_s = event.get("elapsed_s", self.elapsed_s)
+            if event.get("loss") is not None:
+                self.loss = float(event["loss"])
+                self.losses.append((self.step, self.loss))
+        elif kind == "checkpoint":
+            self.checkpoints.append(str(event.get("path", "")))
+        elif kind == "message":
+            self.messages.append(str(event.get("text", "")))
+        elif kind == "result":
+            self.outputs = {str(k): str(v) for k, v in (event.get("outputs") or {}).items()}
+            self.summary = dict(event.get("summary") or {})
+            self.finished = True
+        elif kind == "error":
+            self.error = str(event.get("message", "unknown error"))
+            self.hint = event.get("hint")
+            self.finished = True
+        return event
+
+    @property
+    def fraction(self) -> float:
+        """Share of the work done, 0..1 (0 while the total is unknown)."""
+        if not self.total:
+            return 1.0 if self.finished and self.error is None else 0.0
+        return max(0.0, min(1.0, self.step / float(self.total)))
+
+    def progress_text(self) -> str:
+        """One line for the status label: what runs, how far, the loss and the time left."""
+        if self.error:
+            return f"Error: {self.error}"
+        if self.finished:
+            return "Done"
+        if self.phase is None:
+            return f"Starting {self.command or 'worker'}" + (f" on {self.device}" if self.device else "") + "..."
+        unit = "step" if self.phase == "train" else "slice"
+        parts = [f"{'Training' if self.phase == 'train' else self.phase.capitalize()}: "
+                 f"{unit} {self.step}/{self.total if self.total else '?'}"]
+        if self.loss is not None and self.phase == "train":
+            parts.append(f"loss {self.loss:.3f}")
+        eta = format_duration(self.eta_s)
+        if eta:
+            parts.append(f"about {eta} left")
+        return " - ".join(parts)
+
+    def outcome(self, exit_code: int) -> WorkerOutcome:
+        """Interpret the end of the run from the events seen and the exit code."""
+        self.flush()
+        if exit_code == EXIT_OK and self.error is None:
+            return WorkerOutcome("ok", "Done", exit_code, self.outputs, self.summary)
+        if exit_code == EXIT_INTERRUPTED:
+            kept = self.outputs.get("adapter") or (self.checkpoints[-1] if self.checkpoints else "")
+            message = "Cancelled" + (f"; the last adapter was kept: {kept}" if kept else "")
+            return WorkerOutcome("cancelled", message, exit_code, self.outputs, self.summary)
+        if self.error:
+            message = self.error + (f" ({self.hint})" if self.hint else "")
+        elif exit_code == EXIT_USAGE:
+            message = "The worker rejected its arguments: " + (self.log[-1] if self.log else "usage error")
+        elif exit_code < 0:
+            message = f"The worker was stopped by signal {-exit_code}"
+        else:
+            message = f"The worker failed (exit code {exit_code})" + (f": {self.log[-1]}" if self.log else "")
+        return WorkerOutcome("error", message, exit_code, self.outputs, self.summary)
+
+
+class SubprocessWorker:
+    """Run a worker command with ``subprocess``, feeding a :class:`WorkerMonitor` line by line.
+
+    ``on_event(worker, event)`` is called for every protocol event; it may
+    call :meth:`terminate`. stderr is merged into stdout so tracebacks end up
+    in ``monitor.log``.
+    """
+
+    def __init__(self, command: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | None = None,
+                 on_event: Callable[["SubprocessWorker", dict[str, Any]], None] | None = None) -> None:
+        self.command = list(command)
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self.on_event = on_event
+        self.monitor = WorkerMonitor()
+        self.process: subprocess.Popen | None = None
+
+    def run(self, timeout: float | None = None) -> WorkerOutcome:
+        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        env=self.env, cwd=self.cwd, text=True, bufsize=1)
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            event = self.monitor.feed_line(line)
+            if event is not None and self.on_event is not None:
+                self.on_event(self, event)
+        return self.monitor.outcome(self.process.wait(timeout=timeout))
+
+    def terminate(self) -> None:
+        """Ask the worker to stop at the next step boundary (SIGTERM; it saves the adapter and exits 3)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # SIGTERM on POSIX; on Windows a hard stop (no step boundary)

@@ -1,0 +1,181 @@
+"""Worker command lines and the parsing of its JSON-lines output, with real child processes."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from SALTSegmentLib import worker_process as wp
+from SALTSegmentLib.worker_protocol import EXIT_INTERRUPTED
+
+MODULE_DIR = str(Path(wp.__file__).resolve().parents[1])
+
+
+def test_train_command():
+    settings = wp.TrainSettings(image="img.nrrd", labels="labels.seg.nrrd", out="a.safetensors",
+                                model="lite_medsam", segments=["liver", "spleen"], slices=[12, 30, 41],
+                                axis="coronal", steps=2, device="cpu")
+    command = wp.worker_command(settings, python="/py")
+    assert command[:3] == ["/py", "-m", "SALTSegmentLib.cli"]
+    assert command[3:] == ["train", "--image", "img.nrrd", "--labels", "labels.seg.nrrd", "--out", "a.safetensors",
+                           "--method", "salt", "--model", "lite_medsam", "--segments", "liver,spleen",
+                           "--slices", "12,30,41", "--axis", "coronal", "--steps", "2",
+                           "--device", "cpu", "--progress", "json"]
+
+
+def test_train_command_leaves_defaults_to_the_cli():
+    args = wp.TrainSettings(image="i", labels="l", out="o", weights="/w/sam.pth", rank="paper").arguments()
+    assert "--model" not in args and "--steps" not in args and "--slices" not in args
+    assert args[args.index("--weights") + 1] == "/w/sam.pth"
+    assert args[args.index("--rank") + 1] == "paper"
+
+
+@pytest.mark.parametrize("change", [{"method": "dora"}, {"device": "tpu"}, {"axis": "oblique"},
+                                    {"segments": ["a,b"]}])
+def test_train_settings_are_checked(change):
+    settings = wp.TrainSettings(image="i", labels="l", out="o", **change)
+    with pytest.raises(ValueError):
+        settings.arguments()
+
+
+def test_propagate_command():
+    args = wp.PropagateSettings(image="i.nrrd", adapter="a.safetensors", out="o.seg.nrrd", labels="l.seg.nrrd",
+                                mode="box", first=3, last=17, device="cuda").arguments()
+    assert args == ["propagate", "--image", "i.nrrd", "--adapter", "a.safetensors", "--out", "o.seg.nrrd",
+                    "--labels", "l.seg.nrrd", "--mode", "box", "--range", "3:17", "--device", "cuda",
+                    "--progress", "json"]
+    plain = wp.PropagateSettings(image="i", adapter="a", out="o").arguments()
+    assert "--labels" not in plain and "--range" not in plain
+
+
+@pytest.mark.parametrize("first,last", [(5, None), (9, 3), (-1, 4)])
+def test_propagate_rejects_bad_ranges(first, last):
+    with pytest.raises(ValueError):
+        wp.PropagateSettings(image="i", adapter="a", out="o", first=first, last=last).arguments()
+
+
+def test_evaluate_and_models_commands():
+    assert wp.EvaluateSettings(pred="p", ref="r").arguments() == ["evaluate", "--pred", "p", "--ref", "r", "--json"]
+    assert wp.ModelsSettings().arguments() == ["models", "--json"]
+    assert wp.ModelsSettings(download="sam_vit_b").arguments() == ["models", "--download", "sam_vit_b"]
+
+
+def test_environment_puts_the_module_folder_first():
+    env = wp.worker_environment("/mod", {"PYTHONPATH": "/a" + os.pathsep + "/mod", "HOME": "/h"})
+    assert env["PYTHONPATH"].split(os.pathsep) == ["/mod", "/a"]
+    assert env["PYTHONUNBUFFERED"] == "1" and env["HOME"] == "/h"
+
+
+@pytest.mark.parametrize("seconds,text", [(None, ""), (4.4, "4 s"), (185, "3 min 05 s"), (3720, "1 h 02 min")])
+def test_format_duration(seconds, text):
+    assert wp.format_duration(seconds) == text
+
+
+STREAM = [
+    '{"event": "start", "command": "train", "total": 4, "device": "cpu"}',
+    "Loading lite_medsam ...",
+    '{"event": "progress", "phase": "train", "step": 1, "total": 4, "loss": 0.9, "eta_s": 185.0}',
+    '{"event": "progress", "phase": "train", "step": 2, "total": 4, "loss": 0.7, "eta_s": 61.0}',
+    '{"event": "checkpoint", "path": "/tmp/a.safetensors", "step": 2}',
+    '{"event": "message", "text": "segment nodule is small"}',
+    '{"event": "result", "outputs": {"adapter": "/tmp/a.safetensors"}, "summary": {"final_loss": 0.5}}',
+]
+
+
+def test_monitor_parses_a_stream_split_in_arbitrary_chunks():
+    text = "\n".join(STREAM) + "\n"
+    monitor = wp.WorkerMonitor()
+    events = []
+    for start in range(0, len(text), 37):     # QProcess delivers whatever has arrived
+        events += monitor.feed(text[start:start + 37])
+        if monitor.step == 2 and not monitor.finished:
+            assert monitor.fraction == 0.5
+            assert monitor.progress_text() == "Training: step 2/4 - loss 0.700 - about 1 min 01 s left"
+    assert [e["event"] for e in events] == ["start", "progress", "progress", "checkpoint", "message", "result"]
+    assert monitor.losses == [(1, 0.9), (2, 0.7)]
+    assert monitor.checkpoints == ["/tmp/a.safetensors"]
+    assert monitor.messages == ["segment nodule is small"]
+    assert monitor.log == ["Loading lite_medsam ..."]
+    outcome = monitor.outcome(0)
+    assert (outcome.status, outcome.outputs, outcome.summary) == ("ok", {"adapter": "/tmp/a.safetensors"},
+                                                                 {"final_loss": 0.5})
+
+
+def test_monitor_reports_errors_and_crashes():
+    monitor = wp.WorkerMonitor()
+    monitor.feed('{"event": "error", "message": "No labelled slices", "hint": "draw a few slices"}\n')
+    assert monitor.progress_text() == "Error: No labelled slices"
+    outcome = monitor.outcome(1)
+    assert outcome.status == "error" and outcome.message == "No labelled slices (draw a few slices)"
+
+    crashed = wp.WorkerMonitor()
+    crashed.feed("Traceback (most recent call last):\nMemoryError")   # no newline at the end
+    outcome = crashed.outcome(1)
+    assert outcome.status == "error" and outcome.message.endswith("MemoryError")
+
+
+def test_monitor_keeps_the_last_adapter_when_cancelled():
+    monitor = wp.WorkerMonitor()
+    monitor.feed('{"event": "checkpoint", "path": "/x/a.safetensors", "step": 7}\n')
+    outcome = monitor.outcome(EXIT_INTERRUPTED)
+    assert outcome.status == "cancelled" and outcome.message.endswith("/x/a.safetensors")
+
+
+def _child(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def test_real_child_process_stream():
+    command = _child("""
+        import sys
+        from SALTSegmentLib.worker_protocol import emit
+        emit("start", command="propagate", total=3, device="cpu")
+        print("a plain log line", flush=True)
+        for i in range(1, 4):
+            emit("progress", phase="propagate", step=i, total=3, elapsed_s=0.1 * i, eta_s=0.1 * (3 - i))
+        print("warning on stderr", file=sys.stderr, flush=True)
+        emit("result", outputs={"segmentation": "/tmp/out.seg.nrrd"}, summary={"slices": 3})
+    """)
+    seen = []
+    worker = wp.SubprocessWorker(command, env=wp.worker_environment(MODULE_DIR),
+                                 on_event=lambda w, e: seen.append(w.monitor.progress_text()))
+    outcome = worker.run(timeout=60)
+    assert outcome.status == "ok" and outcome.outputs == {"segmentation": "/tmp/out.seg.nrrd"}
+    assert seen[1] == "Propagate: slice 1/3 - about 0 s left"
+    assert worker.monitor.fraction == 1.0 and worker.monitor.losses == []
+    assert "warning on stderr" in worker.monitor.log and "a plain log line" in worker.monitor.log
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGTERM is POSIX")
+def test_sigterm_stops_a_child_that_saves_and_exits_3(tmp_path):
+    adapter = tmp_path / "adapter.safetensors"
+    command = _child(f"""
+        import signal, sys, time
+        from SALTSegmentLib.worker_protocol import emit
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+        emit("start", command="train", total=1000, device="cpu")
+        for step in range(1, 1001):
+            if stop:
+                open({str(adapter)!r}, "w").write("saved")
+                emit("checkpoint", path={str(adapter)!r}, step=step - 1)
+                emit("error", message="Interrupted", hint="the last adapter was saved")
+                sys.exit(3)
+            time.sleep(0.02)
+            emit("progress", phase="train", step=step, total=1000, loss=1.0 / step)
+    """)
+
+    def cancel_after_two_steps(worker, event):
+        if event["event"] == "progress" and event["step"] == 2:
+            worker.terminate()
+
+    worker = wp.SubprocessWorker(command, env=wp.worker_environment(MODULE_DIR), on_event=cancel_after_two_steps)
+    outcome = worker.run(timeout=60)
+    assert outcome.exit_code == EXIT_INTERRUPTED and outcome.status == "cancelled"
+    assert outcome.message.endswith(str(adapter))
+    assert adapter.read_text() == "saved"
+    assert 2 <= worker.monitor.step < 1000
