@@ -1,0 +1,320 @@
+"""``saltsegment``: the headless main job and the worker the Slicer module runs.
+
+    saltsegment train --image IMG --labels LABELS --out ADAPTER [--method ...] [--steps N] ...
+    saltsegment propagate --image IMG --adapter ADAPTER --out SEG [--mode auto|box] [--range A:B]
+    saltsegment evaluate --pred SEG --ref SEG [--json]
+    saltsegment demo [--out DIR]
+    saltsegment models [--json] [--download ID]
+
+Errors print one line (and a hint) and exit 1 (``--debug`` shows the
+traceback); SIGTERM/SIGINT stop training at the next step, save the adapter
+and exit 3 (see :mod:`worker_protocol`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import signal
+import sys
+import traceback
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .worker_protocol import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
+
+DEFAULT_STEPS = 60
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGINT; long jobs poll it between steps and stop cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means "now"
+        self.requested = True
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated slice numbers, got '{text}'") from None
+
+
+def _slice_range(text: str) -> tuple[int, int]:
+    try:
+        first, last = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FIRST:LAST slice numbers, got '{text}'") from None
+    return first, last
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got '{text}'")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .adaptation import METHODS
+    from .devices import DEVICE_CHOICES
+    from .preprocessing import SLICE_AXES
+    from .propagation import MODES
+
+    parser = argparse.ArgumentParser(prog="saltsegment", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+        sub.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                         help="autocast precision (auto: bf16 on CUDA and on CPUs with native bf16)")
+        sub.add_argument("--progress", choices=("bar", "json"), default="bar",
+                         help="a progress bar, or JSON lines for the Slicer worker")
+        sub.add_argument("--weights", help="base model weights file (overrides the registry's file)")
+        sub.add_argument("--resample-labels", action="store_true",
+                         help="resample a label map on another grid onto the image (nearest neighbour)")
+        sub.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    train = commands.add_parser("train", help="fine-tune an adapter on a few labelled slices")
+    train.add_argument("--image", required=True, help="volume: NIfTI, NRRD, MHA or a DICOM series folder")
+    train.add_argument("--labels", required=True, help="label map or Slicer .seg.nrrd on the image grid")
+    train.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
+    train.add_argument("--method", choices=METHODS, default="salt")
+    train.add_argument("--model", default="lite_medsam", help="base model id (see 'saltsegment models')")
+    train.add_argument("--rank", choices=("small", "default", "large"), default="default", help="rank preset")
+    train.add_argument("--segments", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                       help="comma-separated segment names or label values (default: all)")
+    train.add_argument("--slices", type=_int_list,
+                       help="labelled slice numbers; default: every slice where a selected segment has voxels")
+    train.add_argument("--axis", choices=tuple(SLICE_AXES), default="axial")
+    train.add_argument("--intensity", default="auto", help="auto, mr, ct, a CT preset (lung, bone, ...) or L,W")
+    train.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS)
+    train.add_argument("--learning-rate", type=float, default=None)
+    train.add_argument("--batch-size", type=_positive_int, default=None)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--checkpoint-every", type=int, default=25)
+    common(train)
+
+    propagate = commands.add_parser("propagate", help="segment a volume with an adapter")
+    propagate.add_argument("--image", required=True)
+    propagate.add_argument("--adapter", required=True)
+    propagate.add_argument("--out", required=True, help="label map to write (.seg.nrrd keeps names/colours)")
+    propagate.add_argument("--labels", help="the labels you drew: kept exactly, and seeds for --mode box")
+    propagate.add_argument("--mode", choices=MODES, default="auto")
+    propagate.add_argument("--range", type=_slice_range, dest="slice_range", help="FIRST:LAST slices (inclusive)")
+    propagate.add_argument("--threshold", type=float, default=0.5)
+    propagate.add_argument("--no-cleanup", action="store_true", help="keep every connected component")
+    common(propagate)
+
+    evaluate = commands.add_parser("evaluate", help="Dice and HD95 of a segmentation against a reference")
+    evaluate.add_argument("--pred", required=True)
+    evaluate.add_argument("--ref", required=True)
+    evaluate.add_argument("--axis", choices=tuple(SLICE_AXES), default="axial", help="axis of the per-slice table")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON document")
+    evaluate.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    demo = commands.add_parser("demo", help="fine-tune and propagate on the embedded sample, with a report")
+    demo.add_argument("--out", default="demo-output")
+    demo.add_argument("--method", choices=METHODS, default="salt")
+    demo.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS)
+    demo.add_argument("--mode", choices=MODES, default="auto")
+    demo.add_argument("--labelled", type=_positive_int, default=5, help="number of labelled slices")
+    demo.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    demo.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    models = commands.add_parser("models", help="list base models, or download one")
+    models.add_argument("--json", action="store_true")
+    models.add_argument("--download", metavar="ID", help="download the official weights of ID (asks nothing)")
+    models.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+
+def _train(args, reporter, stop: StopRequest) -> int:
+    from .adaptation import preset_options
+    from .pipeline import TrainJob, run_training
+    from .training import TrainingConfig
+
+    config = TrainingConfig(method=args.method, method_options=preset_options(args.method, args.rank),
+                            steps=args.steps, seed=args.seed, device=args.device, precision=args.precision,
+                            checkpoint_every=args.checkpoint_every)
+    if args.learning_rate is not None:
+        config = replace(config, learning_rate=args.learning_rate)
+    if args.batch_size is not None:
+        config = replace(config, batch_size=args.batch_size)
+    job = TrainJob(image=args.image, labels=args.labels, out=args.out, model_id=args.model, weights=args.weights,
+                   segments=args.segments, slices=args.slices, axis=args.axis, intensity=args.intensity,
+                   resample_labels=args.resample_labels, config=config)
+    reporter.start("train", args.steps, device=args.device)
+    outcome = run_training(job, on_step=reporter.train_step, should_stop=stop,
+                           on_checkpoint=reporter.checkpoint, on_message=reporter.message)
+    summary = outcome.metadata.training
+    if outcome.result.interrupted:
+        reporter.message(f"stopped after {outcome.result.steps_done} steps; adapter saved to {outcome.adapter_path}")
+    reporter.result({"adapter": str(outcome.adapter_path)}, summary)
+    return EXIT_INTERRUPTED if outcome.result.interrupted else EXIT_OK
+
+
+def _propagate(args, reporter, stop: StopRequest) -> int:
+    from .pipeline import PropagateJob, run_propagation
+    from .propagation import PropagationConfig
+
+    config = PropagationConfig(mode=args.mode, slice_range=args.slice_range, threshold=args.threshold,
+                               cleanup=not args.no_cleanup, device=args.device, precision=args.precision)
+    job = PropagateJob(image=args.image, adapter=args.adapter, out=args.out, labels=args.labels,
+                       weights=args.weights, resample_labels=args.resample_labels, config=config)
+    reporter.start("propagate", 0, device=args.device)
+    outcome = run_propagation(job, on_progress=reporter.slices, should_stop=stop)
+    if outcome.result.interrupted:
+        reporter.error("propagation stopped before the end; nothing was written", None)
+        return EXIT_INTERRUPTED
+    reporter.result({"segmentation": str(outcome.segmentation_path)},
+                    {"slices": len(outcome.result.slices), "seconds": round(outcome.result.seconds, 2),
+                     "mode": args.mode, "kept_labelled_slices": outcome.labelled_slices})
+    return EXIT_OK
+
+
+def _evaluate(args) -> int:
+    from .metrics import format_table
+    from .pipeline import evaluate_files
+    from .report import json_safe
+
+    report = evaluate_files(args.pred, args.ref, axis=args.axis)
+    if args.json:
+        print(json.dumps(json_safe(report.to_dict())))
+    else:
+        print(format_table(report))
+    return EXIT_OK
+
+
+def _models(args) -> int:
+    from .models import MODEL_REGISTRY, cached_weights_path, download_weights, weights_available
+
+    if args.download:
+        from tqdm import tqdm
+
+        spec = MODEL_REGISTRY.get(args.download)
+        size = f" (about {spec.approx_mib} MiB)" if spec and spec.approx_mib else ""
+        print(f"downloading {args.download}{size}", file=sys.stderr)
+        bar = tqdm(unit="B", unit_scale=True, file=sys.stderr)
+
+        def progress(done: int, total: Optional[int]) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        path = download_weights(args.download, progress=progress)
+        bar.close()
+        print(path)
+        return EXIT_OK
+    rows = []
+    for spec in MODEL_REGISTRY.values():
+        path = cached_weights_path(spec.model_id)
+        rows.append({"id": spec.model_id, "architecture": spec.architecture, "input_size": spec.default_input,
+                     "input_sizes": list(spec.input_sizes), "parameters_millions": spec.parameters_millions,
+                     "available": weights_available(spec.model_id), "downloadable": spec.url is not None,
+                     "size_bytes": spec.approx_mib * 1024 * 1024 if spec.approx_mib else None,
+                     "path": str(path) if path else None, "source": spec.source})
+    if args.json:
+        print(json.dumps(rows))
+        return EXIT_OK
+    print(f"{'id':<14}{'architecture':<44}{'input':>6}{'params':>9}  available")
+    for row in rows:
+        print(f"{row['id']:<14}{row['architecture']:<44}{row['input_size']:>6}{row['parameters_millions']:>8.1f}M"
+              f"  {'yes' if row['available'] else 'no'}")
+    return EXIT_OK
+
+
+def _demo(args, stop: StopRequest) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.out), method=args.method, steps=args.steps, mode=args.mode,
+                    labelled_count=args.labelled, device=args.device, should_stop=stop)
+
+
+# --------------------------------------------------------------------------- errors
+
+def _hint(error: BaseException) -> Optional[str]:
+    """A one-line suggestion for the errors a user can meet (see README "Troubleshooting")."""
+    from .adapter_io import AdapterFileError
+    from .models import UnknownModelError, WeightsError
+    from .pipeline import GridMismatchError
+
+    if isinstance(error, GridMismatchError):
+        return "export the segmentation on the image's grid, or pass --resample-labels"
+    if isinstance(error, AdapterFileError):
+        return "check that the adapter was trained with the same base model (see its metadata)"
+    if isinstance(error, WeightsError):
+        return "run 'saltsegment models' to see which weights are available"
+    if isinstance(error, UnknownModelError):
+        return "run 'saltsegment models' for the list of ids"
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return "free disk space and run again; no partial file was left behind"
+    if isinstance(error, PermissionError):
+        return "choose an output folder you can write to"
+    if type(error).__name__ == "OutOfMemoryError" or isinstance(error, MemoryError):
+        return "lower --batch-size, use a smaller --model input, or crop the volume (--range)"
+    return None
+
+
+def _message(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return f"disk full while writing {error.filename or 'an output file'}"
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return "out of memory"
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.strerror}: {error.filename}"
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .progress import make_reporter
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    reporter = make_reporter(getattr(args, "progress", "bar"))
+    stop = StopRequest()
+    stop.install()
+    try:
+        if args.command == "train":
+            return _train(args, reporter, stop)
+        if args.command == "propagate":
+            return _propagate(args, reporter, stop)
+        if args.command == "evaluate":
+            return _evaluate(args)
+        if args.command == "models":
+            return _models(args)
+        return _demo(args, stop)
+    except KeyboardInterrupt:
+        reporter.error("interrupted", None)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # the one place errors become one line for the user
+        if args.debug:
+            traceback.print_exc()
+        reporter.error(_message(error), _hint(error))
+        return EXIT_ERROR
+    finally:
+        reporter.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Progress reporting for the CLI: a tqdm bar for people, JSON lines for the Slicer worker.
+
+Both reporters take the same calls, so the commands never ask who is
+listening. The JSON reporter speaks :mod:`worker_protocol`; the bar reporter
+draws on stderr and leaves stdout for the results.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+from .propagation import PropagationProgress
+from .training import StepReport
+from .worker_protocol import emit
+
+
+class JsonReporter:
+    """One protocol event per line on stdout."""
+
+    def start(self, command: str, total: int, **fields: Any) -> None:
+        emit("start", command=command, total=total, **fields)
+
+    def train_step(self, report: StepReport) -> None:
+        emit("progress", phase="train", step=report.step, total=report.total, loss=round(report.loss, 5),
+             lr=report.learning_rate, elapsed_s=round(report.elapsed_s, 2), eta_s=round(report.eta_s, 1))
+
+    def slices(self, progress: PropagationProgress) -> None:
+        emit("progress", phase="propagate", step=progress.done, total=progress.total,
+             elapsed_s=round(progress.elapsed_s, 2), eta_s=round(progress.eta_s, 1))
+
+    def checkpoint(self, path: str, step: int) -> None:
+        emit("checkpoint", path=str(path), step=step)
+
+    def message(self, text: str) -> None:
+        emit("message", text=text)
+
+    def result(self, outputs: dict[str, str], summary: dict[str, Any]) -> None:
+        emit("result", outputs=outputs, summary=summary)
+
+    def error(self, message: str, hint: Optional[str] = None) -> None:
+        emit("error", message=message, hint=hint)
+
+    def close(self) -> None:
+        pass
+
+
+class BarReporter:
+    """A tqdm progress bar and short messages on stderr."""
+
+    def __init__(self) -> None:
+        self._bar = None
+
+    def start(self, command: str, total: int, **fields: Any) -> None:
+        from tqdm import tqdm
+
+        self.close()
+        unit = "step" if command == "train" else "slice"
+        self._bar = tqdm(total=total, desc=command, unit=unit, file=sys.stderr, dynamic_ncols=True)
+
+    def _advance(self, done: int, **postfix: Any) -> None:
+        if self._bar is None:
+            return
+        self._bar.update(done - self._bar.n)
+        if postfix:
+            self._bar.set_postfix(postfix, refresh=False)
+
+    def train_step(self, report: StepReport) -> None:
+        self._advance(report.step, loss=f"{report.loss:.4f}", lr=f"{report.learning_rate:.2g}")
+
+    def slices(self, progress: PropagationProgress) -> None:
+        self._advance(progress.done)
+
+    def checkpoint(self, path: str, step: int) -> None:
+        self.message(f"checkpoint at step {step}: {path}")
+
+    def message(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)
+
+    def result(self, outputs: dict[str, str], summary: dict[str, Any]) -> None:
+        self.close()
+        for name, path in outputs.items():
+            print(f"{name}: {path}")
+
+    def error(self, message: str, hint: Optional[str] = None) -> None:
+        self.close()
+        print(f"error: {message}", file=sys.stderr)
+        if hint:
+            print(f"hint: {hint}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def make_reporter(kind: str):
+    return JsonReporter() if kind == "json" else BarReporter()

@@ -1,0 +1,328 @@
+"""Few-shot fine-tuning: a handful of labelled slices -> an adapted model with learned prompts.
+
+The base model stays frozen; the method (see :mod:`adaptation`) decides what
+trains. The cost that matters on a CPU is the image encoder, so:
+
+- every labelled slice is augmented a fixed number of times up front, and the
+  encoder stages with nothing to train (TinyViT's high-resolution conv stage,
+  or the whole encoder for ``decoder``) run once per augmented copy, not at
+  every step;
+- each step decodes only a few segments per slice (present ones first), and
+  slices holding rare segments are drawn more often, so a structure seen on
+  two slices is not drowned by one seen on ten;
+- a slice is sometimes prompted with the learned tokens alone and sometimes
+  with tokens plus a jittered box, so the same adapter serves token-only
+  propagation and box-guided propagation from the labelled slices.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import preprocessing as pp
+from .adaptation import apply_method, encoder_is_frozen
+from .augmentation import AugmentationConfig, augment
+from .devices import autocast, autocast_dtype, resolve_device
+from .losses import dice_bce_loss
+from .models import PromptableSegmenter
+from .prompts import SegmentPrompts
+from .volume_io import Segment
+
+
+class TrainingInputError(ValueError):
+    """The labelled data cannot train an adapter (no labelled slice, an empty segment, ...)."""
+
+
+@dataclass
+class TrainingConfig:
+    """Hyper-parameters of one fine-tuning run; stored with the adapter."""
+
+    method: str = "salt"
+    method_options: dict = field(default_factory=dict)
+    steps: int = 60
+    batch_size: int = 2
+    learning_rate: float = 3e-3
+    weight_decay: float = 1e-2
+    warmup_fraction: float = 0.1
+    segments_per_slice: int = 4
+    box_prompt_fraction: float = 0.5
+    box_jitter_pixels: float = 6.0
+    copies_per_slice: int = 6
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    checkpoint_every: int = 25
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FewShotData:
+    """A volume with some labelled slices: what the radiologist drew."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    spacing: tuple[float, float, float]
+    segments: list[Segment]
+    intensity: pp.IntensityMapping
+    axis: str = "axial"
+    labelled_slices: Optional[list[int]] = None
+
+    def resolved_slices(self) -> list[int]:
+        """The explicit list, or every slice where a selected segment has voxels."""
+        count = pp.slice_count(self.labels.shape, self.axis)
+        if self.labelled_slices is not None:
+            bad = [s for s in self.labelled_slices if not 0 <= s < count]
+            if bad:
+                raise TrainingInputError(f"Labelled slice(s) {bad} outside 0..{count - 1} along {self.axis}")
+            return sorted(set(int(s) for s in self.labelled_slices))
+        selected = np.isin(self.labels, [s.label for s in self.segments])
+        other_axes = tuple(a for a in range(3) if a != pp.slice_axis(self.axis))
+        return [int(i) for i in np.flatnonzero(selected.any(axis=other_axes))]
+
+
+@dataclass
+class StepReport:
+    step: int
+    total: int
+    loss: float
+    learning_rate: float
+    elapsed_s: float
+    eta_s: float
+
+
+@dataclass
+class TrainingResult:
+    steps_done: int
+    losses: list[float]
+    learning_rates: list[float]
+    setup_seconds: float
+    train_seconds: float
+    interrupted: bool
+    labelled_slices: list[int]
+    device: str
+    precision: str
+
+    def summary(self) -> dict:
+        return {
+            "steps": self.steps_done, "final_loss": self.losses[-1] if self.losses else None,
+            "setup_seconds": round(self.setup_seconds, 2), "train_seconds": round(self.train_seconds, 2),
+            "interrupted": self.interrupted, "labelled_slices": self.labelled_slices,
+            "device": self.device, "precision": self.precision,
+        }
+
+
+@dataclass
+class _Bank:
+    """Augmented copies of the labelled slices, with whatever encoder work is input-only done."""
+
+    features: torch.Tensor        # images, prefix features or embeddings, per copy
+    targets: torch.Tensor         # (copies, K, L, L) bool
+    boxes: torch.Tensor           # (copies, K, 4) in the input frame; NaN where absent
+    present: torch.Tensor         # (copies, K) bool
+    weights: torch.Tensor         # sampling weight per copy
+
+
+class FewShotTrainer:
+    """Fine-tune ``model`` (in place) and learn one prompt per segment."""
+
+    def __init__(self, model: PromptableSegmenter, data: FewShotData, config: TrainingConfig) -> None:
+        self.model = model
+        self.data = data
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = autocast_dtype(self.device, config.precision)
+        self.slices = data.resolved_slices()
+        self._check_inputs()
+        self.method_config = apply_method(model, config.method, config.method_options)
+        self.model.to(self.device).eval()  # frozen BatchNorm statistics; there is no dropout to disable
+        self.prompts = SegmentPrompts(len(data.segments)).to(self.device)
+        self.geometry = pp.geometry_for(
+            pp.take_slice(data.labels, data.axis, 0).shape, pp.slice_pixel_spacing(data.spacing, data.axis),
+            model.input_size)
+        self.low_res = 4 * model.embedding_size[0]
+
+    # ------------------------------------------------------------------ checks
+    def _check_inputs(self) -> None:
+        if not self.data.segments:
+            raise TrainingInputError("No segment selected for training")
+        if not self.slices:
+            raise TrainingInputError("No labelled slice: draw at least one selected segment on one slice")
+        stack = np.stack([pp.take_slice(self.data.labels, self.data.axis, s) for s in self.slices])
+        for segment in self.data.segments:
+            if not (stack == segment.label).any():
+                raise TrainingInputError(
+                    f"Segment '{segment.name}' has no voxels on the labelled slices; draw it on at least one "
+                    "slice or leave it out")
+
+    # ------------------------------------------------------------------ data
+    def _labelled_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        volume01 = self.data.intensity.apply(self.data.image)
+        images, masks = [], []
+        for index in self.slices:
+            image = pp.rescale_slice(pp.take_slice(volume01, self.data.axis, index))
+            labels = pp.take_slice(self.data.labels, self.data.axis, index)
+            images.append(pp.slice_to_input(image, self.geometry))
+            masks.append(torch.stack([pp.mask_to_input(labels == s.label, self.geometry)
+                                      for s in self.data.segments]))
+        return torch.stack(images), torch.stack(masks)
+
+    def _build_bank(self, generator: torch.Generator) -> _Bank:
+        images, masks = self._labelled_inputs()
+        copies_images, copies_masks = [], []
+        for image, mask in zip(images, masks):
+            copies_images.append(image)
+            copies_masks.append(mask)
+            for _ in range(self.config.copies_per_slice - 1):
+                augmented_image, augmented_mask = augment(image, mask, self.config.augmentation, generator)
+                copies_images.append(augmented_image)
+                copies_masks.append(augmented_mask)
+        images, masks = torch.stack(copies_images), torch.stack(copies_masks)
+        present = masks.flatten(2).amax(2) > 0
+        boxes = torch.full((*present.shape, 4), float("nan"))
+        for copy_index, segment_index in zip(*torch.nonzero(present, as_tuple=True)):
+            box = pp.mask_box(masks[copy_index, segment_index].numpy() > 0)
+            boxes[copy_index, segment_index] = torch.from_numpy(box).float()
+        factor = masks.shape[-1] // self.low_res
+        targets = F.avg_pool2d(masks, factor) >= 0.5 if factor > 1 else masks > 0.5
+        # Rare segments pull their slices up: weight = sum over present segments of 1 / (copies holding it).
+        counts = present.sum(0).clamp(min=1).float()
+        weights = (present.float() / counts).sum(1)
+        weights = torch.where(weights > 0, weights, weights[weights > 0].min())
+        return _Bank(self._input_features(images), targets, boxes, present, weights)
+
+    @torch.no_grad()
+    def _input_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Run the input-only part of the encoder once per copy."""
+        self.prefix_depth = self.model.frozen_prefix_depth()
+        self.frozen_encoder = encoder_is_frozen(self.model)
+        if not self.frozen_encoder and self.prefix_depth == 0:
+            return images
+        outputs = []
+        for chunk in images.split(4):
+            chunk = chunk.to(self.device)
+            with autocast(self.device, self.dtype):
+                if self.frozen_encoder:
+                    outputs.append(self.model.encode(chunk, self.geometry.resized_shape))
+                else:
+                    outputs.append(self.model.encode_prefix(chunk, self.geometry.resized_shape, self.prefix_depth))
+        return torch.cat(outputs)
+
+    def _embeddings(self, features: torch.Tensor) -> torch.Tensor:
+        if self.frozen_encoder:
+            return features
+        if self.prefix_depth:
+            return self.model.encode_rest(features, self.prefix_depth)
+        return self.model.encode(features, self.geometry.resized_shape)
+
+    # ------------------------------------------------------------------ prompts
+    @torch.no_grad()
+    def _init_prompts(self, bank: _Bank) -> None:
+        """Each segment's tokens start as the embedding of its box over all labelled copies."""
+        boxes = bank.boxes
+        union = torch.stack([
+            torch.nan_to_num(boxes[..., 0], nan=math.inf).amin(0), torch.nan_to_num(boxes[..., 1], nan=math.inf).amin(0),
+            torch.nan_to_num(boxes[..., 2], nan=-math.inf).amax(0), torch.nan_to_num(boxes[..., 3], nan=-math.inf).amax(0),
+        ], dim=1)
+        self.prompts.init_from_boxes(self.model, union.to(self.device))
+
+    def _choose_segments(self, present: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, bool]:
+        """Segments to decode on one copy, and whether they also get a box prompt."""
+        limit = self.config.segments_per_slice
+        present_idx = torch.nonzero(present, as_tuple=True)[0]
+        absent_idx = torch.nonzero(~present, as_tuple=True)[0]
+        use_box = bool(present_idx.numel()) and float(torch.rand((), generator=generator)) < \
+            self.config.box_prompt_fraction
+        present_idx = present_idx[torch.randperm(present_idx.numel(), generator=generator)][:limit]
+        if use_box:
+            return present_idx, True
+        room = max(limit - present_idx.numel(), 1 if absent_idx.numel() else 0)
+        absent_idx = absent_idx[torch.randperm(absent_idx.numel(), generator=generator)][:room]
+        return torch.cat([present_idx, absent_idx]), False
+
+    def _jittered_boxes(self, boxes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Boxes grown by a random margin and shifted a little, as a user's or a neighbour's box would be."""
+        scale = self.config.box_jitter_pixels * self.model.input_size / 256.0
+        margin = torch.rand(boxes.shape[0], 1, generator=generator) * scale
+        shift = (torch.rand(boxes.shape, generator=generator) - 0.5) * scale
+        grown = boxes + torch.cat([-margin, -margin, margin, margin], dim=1) + shift
+        return grown.clamp(0, self.model.input_size - 1)
+
+    # ------------------------------------------------------------------ loop
+    def _learning_rate_factor(self, step: int) -> float:
+        warmup = max(1, int(self.config.warmup_fraction * self.config.steps))
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.config.steps - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def _step_loss(self, bank: _Bank, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        features = bank.features[batch].to(self.device)
+        with autocast(self.device, self.dtype):
+            embeddings = self._embeddings(features)
+            all_logits, all_targets = [], []
+            for row, copy_index in enumerate(batch.tolist()):
+                chosen, use_box = self._choose_segments(bank.present[copy_index], generator)
+                sparse = self.prompts(chosen.to(self.device))
+                if use_box:
+                    boxes = self._jittered_boxes(bank.boxes[copy_index, chosen], generator).to(self.device)
+                    sparse = torch.cat([sparse, self.model.embed_boxes(boxes).to(sparse.dtype)], dim=1)
+                logits, _ = self.model.decode(embeddings[row:row + 1], sparse)
+                all_logits.append(logits[:, 0])
+                all_targets.append(bank.targets[copy_index, chosen].to(self.device))
+        return dice_bce_loss(torch.cat(all_logits), torch.cat(all_targets))
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad] + list(self.prompts.parameters())
+
+    def run(self, on_step: Optional[Callable[[StepReport], None]] = None,
+            should_stop: Optional[Callable[[], bool]] = None,
+            on_checkpoint: Optional[Callable[[int], None]] = None) -> TrainingResult:
+        """Train; ``should_stop`` is polled between steps (SIGTERM lands there), checkpoints every N steps."""
+        start = time.perf_counter()
+        torch.manual_seed(self.config.seed)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        bank = self._build_bank(generator)
+        self._init_prompts(bank)
+        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.config.learning_rate,
+                                      weight_decay=self.config.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self._learning_rate_factor)
+        setup_seconds = time.perf_counter() - start
+        losses, rates = [], []
+        interrupted = False
+        train_start = time.perf_counter()
+        for step in range(self.config.steps):
+            if should_stop is not None and should_stop():
+                interrupted = True
+                break
+            batch = torch.multinomial(bank.weights, self.config.batch_size,
+                                      replacement=bank.weights.numel() < self.config.batch_size, generator=generator)
+            loss = self._step_loss(bank, batch, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            rates.append(optimizer.param_groups[0]["lr"])
+            schedule.step()
+            losses.append(float(loss.detach()))
+            elapsed = time.perf_counter() - train_start
+            if on_step is not None:
+                done = step + 1
+                on_step(StepReport(done, self.config.steps, losses[-1], rates[-1], elapsed + setup_seconds,
+                                   elapsed / done * (self.config.steps - done)))
+            if on_checkpoint is not None and self.config.checkpoint_every and (step + 1) % \
+                    self.config.checkpoint_every == 0 and step + 1 < self.config.steps:
+                on_checkpoint(step + 1)
+        return TrainingResult(
+            steps_done=len(losses), losses=losses, learning_rates=rates, setup_seconds=setup_seconds,
+            train_seconds=time.perf_counter() - train_start, interrupted=interrupted,
+            labelled_slices=self.slices, device=str(self.device),
+            precision="bf16" if self.dtype == torch.bfloat16 else "fp32")
