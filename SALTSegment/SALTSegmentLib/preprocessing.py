@@ -89,16 +89,26 @@ class IntensityMapping:
         if finite.size == 0:
             raise ValueError("The image holds no finite intensity values")
         sample = finite if finite.size <= 2_000_000 else finite[:: finite.size // 2_000_000 + 1]
-        low, high = np.percentile(sample, [self.low_percentile, self.high_percentile])
+        # float64: interpolating between extreme float32 values must not overflow.
+        low, high = np.percentile(sample.astype(np.float64), [self.low_percentile, self.high_percentile])
         if high <= low:
             low, high = float(finite.min()), float(finite.max())
         return float(low), float(high)
 
     def apply(self, volume: np.ndarray) -> np.ndarray:
-        """Map a whole volume to float32 in [0, 1] (NaN/Inf become 0)."""
-        low, high = self.value_range(volume)
-        scale = 1.0 / (high - low) if high > low else 0.0
-        mapped = (np.nan_to_num(volume.astype(np.float32), nan=low, posinf=high, neginf=low) - low) * scale
+        """Map a whole volume to float32 in [0, 1] (NaN and -Inf become 0, +Inf 1)."""
+        with np.errstate(over="ignore"):  # float64 values beyond float32 become +-inf, then 1 or 0
+            values = np.asarray(volume, dtype=np.float32)
+        low, high = self.value_range(values)
+        span = high - low
+        # A range too narrow for float32 to resolve (or empty) maps like a constant image: to 0.
+        limits = np.finfo(np.float32)
+        resolvable = span > 4 * float(limits.eps) * max(abs(low), abs(high)) and 1.0 / span < float(limits.max)
+        scale = np.float32(1.0 / span) if resolvable else np.float32(0.0)
+        mapped = np.nan_to_num(values, nan=low, posinf=high, neginf=low)  # a copy, modified in place below
+        np.clip(mapped, low, high, out=mapped)
+        mapped -= np.float32(low)  # in [0, span]: no inf - inf, no 0 * inf
+        mapped *= scale
         return np.clip(mapped, 0.0, 1.0, out=mapped)
 
     def describe(self) -> str:

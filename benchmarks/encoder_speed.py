@@ -1,0 +1,85 @@
+"""Image-encoder time per slice on this machine's CPU: LiteMedSAM and ViT-B at 256 and 512 px.
+
+Batch 1, ``torch.inference_mode``, a fixed number of threads, fp32 and bf16
+autocast. Repetitions are interleaved across the configurations (so a burst
+of load from other processes hits all of them alike) and the median is
+reported. LiteMedSAM uses its real weights; ViT-B random weights (speed does
+not depend on the values).
+
+Run: ``python benchmarks/encoder_speed.py [--repeats 5] [--threads 2] [--models lite_medsam,sam_vit_b@256,...]``
+Prints a table, then one JSON line (``{"benchmark": "encoder_speed", ...}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+DEFAULT_MODELS = "lite_medsam,sam_vit_b@256,sam_vit_b@512"
+
+
+def build(name: str):
+    from SALTSegmentLib.models import load_model
+
+    model_id, _, size = name.partition("@")
+    torch.manual_seed(0)
+    model = load_model(model_id, input_size=int(size) if size else None, pretrained=model_id == "lite_medsam")
+    return model.eval()
+
+
+def forward_seconds(model, image: torch.Tensor, dtype: torch.dtype) -> float:
+    size = model.input_size
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        start = time.perf_counter()
+        embedding = model.encode(image, (size, size))
+        elapsed = time.perf_counter() - start
+    assert embedding.shape[:2] == (1, 256) and torch.isfinite(embedding.float()).all()
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", default=DEFAULT_MODELS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    models = {name: build(name) for name in args.models.split(",")}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    configs = [(name, dtype_name) for name in models for dtype_name in dtypes]
+    generator = torch.Generator().manual_seed(0)
+    images = {name: torch.rand(1, 3, model.input_size, model.input_size, generator=generator)
+              for name, model in models.items()}
+
+    for name, dtype_name in configs:  # warm-up (allocator, kernels, autocast caches)
+        forward_seconds(models[name], images[name], dtypes[dtype_name])
+    times: dict[tuple[str, str], list[float]] = {config: [] for config in configs}
+    for _ in range(args.repeats):
+        for name, dtype_name in configs:
+            times[(name, dtype_name)].append(forward_seconds(models[name], images[name], dtypes[dtype_name]))
+
+    print(f"Image encoder, batch 1, {args.threads} threads, median of {args.repeats} "
+          f"(torch {torch.__version__}, {platform.processor() or platform.machine()})")
+    print(f"{'model':<16}{'input':>7}{'params (M)':>12}{'fp32 (s)':>11}{'bf16 (s)':>11}")
+    results = []
+    for name, model in models.items():
+        fp32 = statistics.median(times[(name, "fp32")])
+        bf16 = statistics.median(times[(name, "bf16")])
+        parameters = sum(p.numel() for p in model.image_encoder.parameters()) / 1e6
+        print(f"{model.model_id:<16}{model.input_size:>7}{parameters:>12.1f}{fp32:>11.3f}{bf16:>11.3f}")
+        results.append({"model": model.model_id, "input": model.input_size, "encoder_params_m": round(parameters, 2),
+                        "fp32_s": round(fp32, 4), "bf16_s": round(bf16, 4),
+                        "fp32_all_s": [round(t, 4) for t in times[(name, "fp32")]],
+                        "bf16_all_s": [round(t, 4) for t in times[(name, "bf16")]]})
+    print(json.dumps({"benchmark": "encoder_speed", "threads": args.threads, "repeats": args.repeats,
+                      "torch": torch.__version__, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
