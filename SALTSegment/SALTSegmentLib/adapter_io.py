@@ -26,7 +26,7 @@ from .adaptation import apply_method
 from .adapters import adapter_state_dict, load_adapter_state_dict
 from .atomic_files import atomic_path
 from .models import PromptableSegmenter, load_model
-from .preprocessing import IntensityMapping
+from .preprocessing import SLICE_AXES, IntensityMapping
 from .prompts import SegmentPrompts
 from .volume_io import Segment
 
@@ -38,6 +38,14 @@ _MAX_HEADER_BYTES = 64 << 20
 
 class AdapterFileError(ValueError):
     """An adapter file is unreadable, foreign, of another version, or for another base model."""
+
+    def __init__(self, message: str, hint: Optional[str] = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint  # the CLI prints it under the message
+
+
+_NOT_AN_ADAPTER = "pass the .safetensors file written by 'saltsegment train' (train again if it was damaged)"
 
 
 @dataclass
@@ -91,17 +99,25 @@ def _read_header(path: Path) -> dict[str, Any]:
         with open(path, "rb") as handle:
             prefix = handle.read(8)
             if len(prefix) < 8:
-                raise AdapterFileError(f"{path} is too short to be an adapter file")
+                raise AdapterFileError(f"{path} is too short to be an adapter file", _NOT_AN_ADAPTER)
             (length,) = struct.unpack("<Q", prefix)
             if length > min(size - 8, _MAX_HEADER_BYTES):
-                raise AdapterFileError(f"{path} is not a safetensors file (or it is truncated)")
+                raise AdapterFileError(f"{path} is not a safetensors file (or it is truncated)", _NOT_AN_ADAPTER)
             header = json.loads(handle.read(length).decode("utf-8"))
     except FileNotFoundError:
-        raise AdapterFileError(f"Adapter file not found: {path}") from None
+        raise AdapterFileError(f"Adapter file not found: {path}", "check the --adapter path") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise AdapterFileError(f"{path} is not a safetensors file (unreadable header)") from None
+        raise AdapterFileError(f"{path} is not a safetensors file (unreadable header)", _NOT_AN_ADAPTER) from None
     if not isinstance(header, dict):
-        raise AdapterFileError(f"{path} is not a safetensors file")
+        raise AdapterFileError(f"{path} is not a safetensors file", _NOT_AN_ADAPTER)
+    try:  # the tensors must end where the file ends: a cut-off copy is caught here, before any model loads
+        end = max([int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"],
+                  default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise AdapterFileError(f"{path} is not a safetensors file (malformed header)", _NOT_AN_ADAPTER) from None
+    if 8 + length + end != size:
+        raise AdapterFileError(f"{path} is truncated or corrupt ({size:,} bytes; its header describes "
+                               f"{8 + length + end:,})", _NOT_AN_ADAPTER)
     return header
 
 
@@ -110,7 +126,7 @@ def read_adapter_metadata(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     metadata = _read_header(path).get("__metadata__") or {}
     if metadata.get("format") != FORMAT_NAME or "saltsegment" not in metadata:
-        raise AdapterFileError(f"{path} is a safetensors file but not a SALTSegment adapter")
+        raise AdapterFileError(f"{path} is a safetensors file but not a SALTSegment adapter", _NOT_AN_ADAPTER)
     try:
         version = int(metadata.get("format_version", "0"))
     except ValueError:
@@ -118,13 +134,14 @@ def read_adapter_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         raise AdapterFileError(
             f"{path} uses adapter format version {metadata.get('format_version')}; this SALTSegment "
-            f"({__version__}) reads version {FORMAT_VERSION}")
+            f"({__version__}) reads version {FORMAT_VERSION}",
+            "use the SALTSegment version that wrote it, or train the adapter again with this one")
     try:
         values = json.loads(metadata["saltsegment"])
     except json.JSONDecodeError:
-        raise AdapterFileError(f"{path} has corrupt adapter metadata") from None
+        raise AdapterFileError(f"{path} has corrupt adapter metadata", _NOT_AN_ADAPTER) from None
     if not isinstance(values, dict):
-        raise AdapterFileError(f"{path} has corrupt adapter metadata")
+        raise AdapterFileError(f"{path} has corrupt adapter metadata", _NOT_AN_ADAPTER)
     return values
 
 
@@ -133,7 +150,23 @@ def _metadata_from_dict(path: Path, values: dict[str, Any]) -> AdapterMetadata:
     try:
         return AdapterMetadata(**{k: v for k, v in values.items() if k in known})
     except TypeError as error:
-        raise AdapterFileError(f"{path} lacks adapter metadata fields: {error}") from None
+        raise AdapterFileError(f"{path} lacks adapter metadata fields: {error}", _NOT_AN_ADAPTER) from None
+
+
+def load_adapter_metadata(path: str | os.PathLike) -> AdapterMetadata:
+    """The checked metadata of an adapter file, without loading any model (cheap: reads the header)."""
+    path = Path(path)
+    metadata = _metadata_from_dict(path, read_adapter_metadata(path))
+    try:
+        metadata.segment_list, metadata.intensity_mapping  # noqa: B018 - parse them now, not mid-run
+        if not metadata.segments:
+            raise ValueError("no segments")
+        if metadata.axis not in SLICE_AXES:
+            raise ValueError(f"unknown axis {metadata.axis!r}")
+        int(metadata.input_size)
+    except (KeyError, TypeError, ValueError) as error:
+        raise AdapterFileError(f"{path} has corrupt adapter metadata ({error})", _NOT_AN_ADAPTER) from None
+    return metadata
 
 
 @dataclass
@@ -157,7 +190,7 @@ def load_adapter(path: str | os.PathLike, weights: Optional[str | os.PathLike] =
     from safetensors.torch import load_file
 
     path = Path(path)
-    metadata = _metadata_from_dict(path, read_adapter_metadata(path))
+    metadata = load_adapter_metadata(path)
     if model is None:
         model = load_model(metadata.base_model, weights=weights, input_size=metadata.input_size)
     if model.model_id != metadata.base_model or model.input_size != metadata.input_size:
@@ -172,7 +205,7 @@ def load_adapter(path: str | os.PathLike, weights: Optional[str | os.PathLike] =
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as error:
-        raise AdapterFileError(f"{path} is corrupt or truncated: {error}") from None
+        raise AdapterFileError(f"{path} is corrupt or truncated: {error}", _NOT_AN_ADAPTER) from None
     if PROMPT_KEY not in tensors:
         raise AdapterFileError(f"{path} holds no prompt tokens")
     tokens = tensors.pop(PROMPT_KEY)

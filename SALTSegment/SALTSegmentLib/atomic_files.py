@@ -9,7 +9,9 @@ appears at its final name only when writing succeeded.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -32,6 +34,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if not temporary.exists():
             raise RuntimeError(f"Nothing was written for {final}")
         os.replace(temporary, final)
+    except Exception as error:
+        if _disk_full(error, final.parent):
+            # Writers report a full disk in their own words (SimpleITK, safetensors); say it plainly.
+            raise OSError(errno.ENOSPC, "No space left on device", str(final)) from error
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
+
+
+def _disk_full(error: BaseException, folder: Path, reserve: int = 1 << 20) -> bool:
+    """Whether a failed write was (most likely) a full disk: ENOSPC, or under 1 MiB left in ``folder``."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < reserve
+    except OSError:
+        return False

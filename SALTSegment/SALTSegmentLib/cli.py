@@ -5,10 +5,13 @@
     saltsegment evaluate --pred SEG --ref SEG [--json]
     saltsegment demo [--out DIR]
     saltsegment models [--json] [--download ID]
+    saltsegment bench speed|quality [--out DIR]
 
 Errors print one line (and a hint) and exit 1 (``--debug`` shows the
 traceback); SIGTERM/SIGINT stop training at the next step, save the adapter
-and exit 3 (see :mod:`worker_protocol`).
+and exit 3 (see :mod:`worker_protocol`); a stop before the first step, or
+during propagation, writes nothing and exits 3. Inputs are checked before a
+model is loaded.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import re
 import signal
 import sys
 import traceback
@@ -25,7 +29,7 @@ from typing import Optional, Sequence
 
 from .worker_protocol import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 
-DEFAULT_STEPS = 60
+DEFAULT_STEPS = 40  # measured: 40 and 60 steps give the same Dice on the sample (README "Quality")
 
 
 class StopRequest:
@@ -72,6 +76,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got '{text}'")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .adaptation import METHODS
     from .devices import DEVICE_CHOICES
@@ -91,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--weights", help="base model weights file (overrides the registry's file)")
         sub.add_argument("--resample-labels", action="store_true",
                          help="resample a label map on another grid onto the image (nearest neighbour)")
-        sub.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     train = commands.add_parser("train", help="fine-tune an adapter on a few labelled slices")
     train.add_argument("--image", required=True, help="volume: NIfTI, NRRD, MHA or a DICOM series folder")
@@ -107,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--axis", choices=tuple(SLICE_AXES), default="axial")
     train.add_argument("--intensity", default="auto", help="auto, mr, ct, a CT preset (lung, bone, ...) or L,W")
     train.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS)
-    train.add_argument("--learning-rate", type=float, default=None)
+    train.add_argument("--learning-rate", type=_positive_float, default=None)
     train.add_argument("--batch-size", type=_positive_int, default=None)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--checkpoint-every", type=int, default=25)
@@ -118,10 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     propagate.add_argument("--adapter", required=True)
     propagate.add_argument("--out", required=True, help="label map to write (.seg.nrrd keeps names/colours)")
     propagate.add_argument("--labels", help="the labels you drew: kept exactly, and seeds for --mode box")
-    propagate.add_argument("--mode", choices=MODES, default="auto")
+    propagate.add_argument("--mode", choices=MODES,
+                           help="box (default with --labels): walk out from the labelled slices; "
+                                "auto (default without): learned prompts on every slice")
     propagate.add_argument("--range", type=_slice_range, dest="slice_range", help="FIRST:LAST slices (inclusive)")
-    propagate.add_argument("--threshold", type=float, default=0.5)
-    propagate.add_argument("--no-cleanup", action="store_true", help="keep every connected component")
+    propagate.add_argument("--threshold", type=_probability, default=0.5)
+    propagate.add_argument("--no-cleanup", action="store_true",
+                           help="keep every connected component and do not bound segments by the labelled slices "
+                                "(for segments made of several separate pieces, such as multiple lesions)")
     common(propagate)
 
     evaluate = commands.add_parser("evaluate", help="Dice and HD95 of a segmentation against a reference")
@@ -129,21 +157,34 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ref", required=True)
     evaluate.add_argument("--axis", choices=tuple(SLICE_AXES), default="axial", help="axis of the per-slice table")
     evaluate.add_argument("--json", action="store_true", help="print one JSON document")
-    evaluate.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    evaluate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     demo = commands.add_parser("demo", help="fine-tune and propagate on the embedded sample, with a report")
     demo.add_argument("--out", default="demo-output")
     demo.add_argument("--method", choices=METHODS, default="salt")
     demo.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS)
-    demo.add_argument("--mode", choices=MODES, default="auto")
+    demo.add_argument("--mode", choices=MODES, default="box")
     demo.add_argument("--labelled", type=_positive_int, default=5, help="number of labelled slices")
     demo.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    demo.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    bench = commands.add_parser("bench", help="benchmarks: speed (ratios between methods) or few-shot quality")
+    bench.add_argument("kind", choices=("speed", "quality"))
+    bench.add_argument("--out", default="bench-output", help="folder for quality.json/.md/.png and speed.json")
+    bench.add_argument("--repeats", type=_positive_int, default=5, help="speed: interleaved repetitions")
+    bench.add_argument("--models", default="lite_medsam,sam_vit_b", help="speed: base models (random ViT weights)")
+    bench.add_argument("--counts", type=_int_list, default=[1, 3, 5, 9], help="quality: labelled slice counts")
+    bench.add_argument("--methods", default="salt,lora,ssam,decoder", help="quality: methods")
+    bench.add_argument("--seeds", type=_int_list, default=[0, 1])
+    bench.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS)
+    bench.add_argument("--image", help="quality: a labelled volume of your own (default: the embedded sample)")
+    bench.add_argument("--labels", help="quality: its full reference label map")
+    bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     models = commands.add_parser("models", help="list base models, or download one")
     models.add_argument("--json", action="store_true")
     models.add_argument("--download", metavar="ID", help="download the official weights of ID (asks nothing)")
-    models.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    models.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -164,9 +205,10 @@ def _train(args, reporter, stop: StopRequest) -> int:
     job = TrainJob(image=args.image, labels=args.labels, out=args.out, model_id=args.model, weights=args.weights,
                    segments=args.segments, slices=args.slices, axis=args.axis, intensity=args.intensity,
                    resample_labels=args.resample_labels, config=config)
-    reporter.start("train", args.steps, device=args.device)
+    # The progress bar starts once the inputs are checked, so a bad input prints only its error line.
     outcome = run_training(job, on_step=reporter.train_step, should_stop=stop,
-                           on_checkpoint=reporter.checkpoint, on_message=reporter.message)
+                           on_checkpoint=reporter.checkpoint, on_message=reporter.message,
+                           on_ready=lambda: reporter.start("train", args.steps, device=args.device))
     summary = outcome.metadata.training
     if outcome.result.interrupted:
         reporter.message(f"stopped after {outcome.result.steps_done} steps; adapter saved to {outcome.adapter_path}")
@@ -178,18 +220,19 @@ def _propagate(args, reporter, stop: StopRequest) -> int:
     from .pipeline import PropagateJob, run_propagation
     from .propagation import PropagationConfig
 
-    config = PropagationConfig(mode=args.mode, slice_range=args.slice_range, threshold=args.threshold,
+    mode = args.mode or ("box" if args.labels else "auto")
+    config = PropagationConfig(mode=mode, slice_range=args.slice_range, threshold=args.threshold,
                                cleanup=not args.no_cleanup, device=args.device, precision=args.precision)
     job = PropagateJob(image=args.image, adapter=args.adapter, out=args.out, labels=args.labels,
                        weights=args.weights, resample_labels=args.resample_labels, config=config)
-    reporter.start("propagate", 0, device=args.device)
-    outcome = run_propagation(job, on_progress=reporter.slices, should_stop=stop)
+    outcome = run_propagation(job, on_progress=reporter.slices, should_stop=stop,
+                              on_ready=lambda: reporter.start("propagate", 0, device=args.device))
     if outcome.result.interrupted:
         reporter.error("propagation stopped before the end; nothing was written", None)
         return EXIT_INTERRUPTED
     reporter.result({"segmentation": str(outcome.segmentation_path)},
                     {"slices": len(outcome.result.slices), "seconds": round(outcome.result.seconds, 2),
-                     "mode": args.mode, "kept_labelled_slices": outcome.labelled_slices})
+                     "mode": mode, "kept_labelled_slices": outcome.labelled_slices})
     return EXIT_OK
 
 
@@ -243,6 +286,29 @@ def _models(args) -> int:
     return EXIT_OK
 
 
+def _bench(args) -> int:
+    from . import benchmarks
+    from .atomic_files import atomic_path
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    if args.kind == "speed":
+        results = benchmarks.bench_speed(tuple(args.models.split(",")), args.repeats, say)
+        with atomic_path(out / "speed.json") as temporary:
+            temporary.write_text(json.dumps(results, indent=2))
+        print(json.dumps(results))
+        return EXIT_OK
+    if bool(args.image) != bool(args.labels):
+        raise ValueError("Give both --image and --labels (a full reference), or neither")
+    results = benchmarks.bench_quality(tuple(args.counts), tuple(args.methods.split(",")), tuple(args.seeds),
+                                       args.steps, image_path=args.image, labels_path=args.labels, say=say)
+    paths = benchmarks.write_quality_outputs(results, out)
+    print(benchmarks.quality_table(results))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return EXIT_OK
+
+
 def _demo(args, stop: StopRequest) -> int:
     from .demo import run_demo
 
@@ -252,12 +318,28 @@ def _demo(args, stop: StopRequest) -> int:
 
 # --------------------------------------------------------------------------- errors
 
-def _hint(error: BaseException) -> Optional[str]:
+def _is_out_of_memory(error: BaseException) -> bool:
+    """MemoryError, torch's OutOfMemoryError (CUDA), or the CPU allocator's RuntimeError."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def _hint(error: BaseException, command: str = "") -> Optional[str]:
     """A one-line suggestion for the errors a user can meet (see README "Troubleshooting")."""
     from .adapter_io import AdapterFileError
     from .models import UnknownModelError, WeightsError
     from .pipeline import GridMismatchError
 
+    if getattr(error, "hint", None):
+        return str(error.hint)
+    if _is_out_of_memory(error):
+        if command == "train":
+            return "lower --batch-size (e.g. --batch-size 1), train fewer --segments or label fewer --slices"
+        if command == "propagate":
+            return "propagate part of the volume with --range FIRST:LAST, or use --device cpu"
+        return "close other programs, or run on a smaller volume"
     if isinstance(error, GridMismatchError):
         return "export the segmentation on the image's grid, or pass --resample-labels"
     if isinstance(error, AdapterFileError):
@@ -270,23 +352,23 @@ def _hint(error: BaseException) -> Optional[str]:
         return "free disk space and run again; no partial file was left behind"
     if isinstance(error, PermissionError):
         return "choose an output folder you can write to"
-    if type(error).__name__ == "OutOfMemoryError" or isinstance(error, MemoryError):
-        return "lower --batch-size, use a smaller --model input, or crop the volume (--range)"
     return None
 
 
 def _message(error: BaseException) -> str:
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return f"disk full while writing {error.filename or 'an output file'}"
-    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
-        return "out of memory"
+    if _is_out_of_memory(error):
+        where = "on the GPU" if type(error).__name__ == "OutOfMemoryError" else "in main memory"
+        return f"out of memory {where}"
     if isinstance(error, OSError) and error.filename and error.strerror:
         return f"{error.strerror}: {error.filename}"
-    text = str(error).strip().splitlines()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()  # no terminal colour codes
     return text[0] if text else type(error).__name__
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .pipeline import JobStopped
     from .progress import make_reporter
 
     parser = build_parser()
@@ -303,14 +385,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _evaluate(args)
         if args.command == "models":
             return _models(args)
+        if args.command == "bench":
+            return _bench(args)
         return _demo(args, stop)
     except KeyboardInterrupt:
         reporter.error("interrupted", None)
         return EXIT_INTERRUPTED
+    except JobStopped as stopped:  # stopped before anything worth keeping: nothing was written
+        reporter.error(str(stopped), None)
+        return EXIT_INTERRUPTED
     except Exception as error:  # the one place errors become one line for the user
         if args.debug:
             traceback.print_exc()
-        reporter.error(_message(error), _hint(error))
+        reporter.error(_message(error), _hint(error, args.command))
         return EXIT_ERROR
     finally:
         reporter.close()

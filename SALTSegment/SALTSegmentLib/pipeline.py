@@ -8,6 +8,7 @@ drive the same code.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,16 +18,146 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import preprocessing as pp
-from .adapter_io import AdapterMetadata, LoadedAdapter, load_adapter, save_adapter
+from .adapter_io import AdapterMetadata, LoadedAdapter, load_adapter, load_adapter_metadata, save_adapter
 from .metrics import EvaluationReport, evaluate_label_maps
-from .models import load_model
-from .propagation import PropagationConfig, PropagationProgress, PropagationResult, VolumePropagator
-from .training import FewShotData, FewShotTrainer, StepReport, TrainingConfig, TrainingInputError, TrainingResult
-from .volume_io import Segment, VolumeGeometry, read_image, read_label_map, write_label_map
+from .models import WeightsError, get_spec, load_model
+from .propagation import (PropagationConfig, PropagationInputError, PropagationProgress, PropagationResult,
+                          VolumePropagator)
+from .training import (FewShotData, FewShotTrainer, StepReport, TrainingConfig, TrainingInputError, TrainingResult,
+                       check_training_data)
+from .volume_io import (Segment, VolumeGeometry, VolumeReadError, read_image, read_label_map, read_volume_info,
+                        write_label_map)
+
+MEMORY_LIMIT_ENV = "SALTSEGMENT_MEMORY_LIMIT_BYTES"
+# Extensions SimpleITK writes label maps to (checked before any work, not after it).
+LABEL_MAP_SUFFIXES = (".seg.nrrd", ".nrrd", ".nhdr", ".nii.gz", ".nii", ".mha", ".mhd")
+# One slice's image embedding (256 x 64 x 64 float32), kept for every slice of a box walk.
+_EMBEDDING_BYTES = 256 * 64 * 64 * 4
 
 
 class GridMismatchError(ValueError):
     """The label map is not on the image's voxel grid."""
+
+
+class InsufficientMemoryError(ValueError):
+    """The job would not fit in the memory available (estimated before it starts)."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class JobStopped(Exception):
+    """A stop request (SIGTERM/SIGINT, Cancel) arrived before anything worth keeping was computed."""
+
+
+def _with_hint(error: BaseException, hint: str) -> BaseException:
+    error.hint = hint  # read by the CLI's one-line error report
+    return error
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Refuse an output path that cannot be written, before any work is done."""
+    out = Path(path)
+    parent = out.parent
+    if not parent.exists():
+        raise _with_hint(FileNotFoundError(errno.ENOENT, "Output folder does not exist", str(parent)),
+                         "create the folder first, or choose another output path")
+    if not parent.is_dir():
+        raise _with_hint(NotADirectoryError(errno.ENOTDIR, "Output folder is a file, not a folder", str(parent)),
+                         "choose an output path inside a folder")
+    if out.is_dir():
+        raise _with_hint(IsADirectoryError(errno.EISDIR, "Output path is a folder; give a file name", str(out)),
+                         "add a file name to the output path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise _with_hint(PermissionError(errno.EACCES, "Output folder is not writable", str(parent)),
+                         "choose an output folder you can write to")
+    return out
+
+
+def check_label_map_suffix(path: Path) -> None:
+    if not path.name.lower().endswith(LABEL_MAP_SUFFIXES):
+        raise _with_hint(ValueError(f"Cannot write a label map to '{path.name}': unknown file type"),
+                         "end the output name with .seg.nrrd (keeps segment names), .nrrd, .nii.gz or .mha")
+
+
+# --------------------------------------------------------------------------- memory
+
+def available_memory_bytes() -> Optional[int]:
+    """Memory this job may use: ``SALTSEGMENT_MEMORY_LIMIT_BYTES`` if set, else MemAvailable; None if unknown."""
+    override = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    if override:
+        try:
+            return int(float(override))
+        except ValueError:
+            raise ValueError(f"{MEMORY_LIMIT_ENV} must be a number of bytes, not '{override}'") from None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _input_bytes_per_voxel(read_bytes: int) -> int:
+    # the file's voxels as read + the float32 image + its intensity-mapped float32 copy
+    return read_bytes + 4 + 4
+
+
+def training_memory_bytes(voxels: int, read_bytes: int = 4) -> int:
+    """Lower estimate of the volume-sized memory of a training run (image, mapped copy, labels and masks).
+
+    The labelled-slice bank and the model come on top; they do not grow
+    with the volume, so the volume is what makes a job not fit.
+    """
+    label_bytes = 2 + 2 + 1  # label map as read, uint16 copy, selection mask
+    return int(voxels) * (_input_bytes_per_voxel(read_bytes) + label_bytes)
+
+
+def propagation_memory_bytes(voxels: int, segments: int, slices: int, box_mode: bool, read_bytes: int = 4,
+                             with_labels: bool = False) -> int:
+    """Lower estimate of the memory a propagation needs for a volume of ``voxels`` and ``segments``.
+
+    Per voxel: the image and its mapped copy, float16 probabilities for every
+    segment, the arg-max (int64), the maximum and confidence mask, and the
+    output label maps; box mode also keeps one embedding per slice.
+    """
+    per_voxel = _input_bytes_per_voxel(read_bytes) + 2 * int(segments) + 8 + 2 + 1 + 2 * 3
+    if with_labels:
+        per_voxel += 2 + 2 + 2  # the user's label map, its uint16 copy and its re-expression
+    total = int(voxels) * per_voxel
+    if box_mode:
+        total += int(slices) * _EMBEDDING_BYTES
+    return total
+
+
+def _gib(value: float) -> str:
+    return f"{value / 1024 ** 3:.1f} GiB" if value >= 1024 ** 3 else f"{value / 1024 ** 2:.0f} MiB"
+
+
+def check_memory(needed: int, what: str, hint: str) -> None:
+    """Refuse a job whose estimate exceeds the available memory (no check when that is unknown)."""
+    available = available_memory_bytes()
+    if available is not None and needed > available:
+        raise InsufficientMemoryError(f"{what} needs about {_gib(needed)} of memory but only {_gib(available)} "
+                                      "is available", hint)
+
+
+def _volume_info_checked(path: str | os.PathLike):
+    info = read_volume_info(path)
+    if info is not None and info.components != 1:
+        raise VolumeReadError(f"{path} has {info.components} components per voxel; "
+                              "a scalar (single-channel) 3D volume is needed")
+    if info is not None and len(info.size) != 3:
+        raise VolumeReadError(f"{path} is {len(info.size)}D; a 3D volume is needed")
+    return info
+
+
+def _stop_if_requested(should_stop: Optional[Callable[[], bool]], message: str) -> None:
+    if should_stop is not None and should_stop():
+        raise JobStopped(message)
 
 
 @dataclass
@@ -109,18 +240,38 @@ class TrainOutcome:
 def run_training(job: TrainJob, on_step: Optional[Callable[[StepReport], None]] = None,
                  should_stop: Optional[Callable[[], bool]] = None,
                  on_checkpoint: Optional[Callable[[Path, int], None]] = None,
-                 on_message: Optional[Callable[[str], None]] = None) -> TrainOutcome:
-    """Train an adapter from files; checkpoints and the final adapter go atomically to ``job.out``."""
-    out = Path(job.out)
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"Output folder does not exist: {out.parent}")
+                 on_message: Optional[Callable[[str], None]] = None,
+                 on_ready: Optional[Callable[[], None]] = None) -> TrainOutcome:
+    """Train an adapter from files; checkpoints and the final adapter go atomically to ``job.out``.
+
+    Every input is checked before the model is loaded (``on_ready`` is called
+    then). A stop request before the first step raises :class:`JobStopped`
+    and writes nothing (an existing file at ``job.out`` stays as it was); a
+    later one ends training at the next step and saves the adapter.
+    """
+    out = check_output_path(job.out)
+    get_spec(job.model_id)
+    if job.weights is not None and not Path(job.weights).is_file():
+        raise WeightsError(f"Weights file not found: {job.weights}")
+    info = _volume_info_checked(job.image)
+    _volume_info_checked(job.labels)
+    if info is not None:
+        check_memory(training_memory_bytes(info.voxels, info.bytes_per_component),
+                     f"Training on this {' x '.join(map(str, info.size))} volume",
+                     "crop the volume around the labelled slices, or close other programs")
     volume = read_labelled_volume(job.image, job.labels, job.resample_labels)
     check_image_values(volume.image)
     segments = select_segments(volume.segments, job.segments)
     intensity = pp.parse_intensity(job.intensity, volume.image)
     data = FewShotData(volume.image, volume.labels, volume.geometry.spacing, segments, intensity,
                        job.axis, job.slices)
+    check_training_data(data)
+    if on_ready is not None:
+        on_ready()
+    stopped = "stopped before the first training step; no adapter was written"
+    _stop_if_requested(should_stop, stopped)
     model = load_model(job.model_id, weights=job.weights)
+    _stop_if_requested(should_stop, stopped)
     trainer = FewShotTrainer(model, data, job.config)
     if on_message is not None:
         on_message(f"{len(trainer.slices)} labelled {job.axis} slices, {len(segments)} segments, "
@@ -141,6 +292,8 @@ def run_training(job: TrainJob, on_step: Optional[Callable[[StepReport], None]] 
             on_checkpoint(out, step)
 
     result = trainer.run(on_step=on_step, should_stop=should_stop, on_checkpoint=checkpoint)
+    if result.interrupted and result.steps_done == 0:
+        raise JobStopped(stopped)  # a 0-step adapter is only the untrained model: keep what was there
     final = metadata(result, result.steps_done)
     save_adapter(out, model, trainer.prompts, final)
     return TrainOutcome(out, result, final)
@@ -185,24 +338,63 @@ def match_user_labels(labels: np.ndarray, label_segments: list[Segment], adapter
 
 def run_propagation(job: PropagateJob, loaded: Optional[LoadedAdapter] = None,
                     on_progress: Optional[Callable[[PropagationProgress], None]] = None,
-                    should_stop: Optional[Callable[[], bool]] = None) -> PropagateOutcome:
-    """Segment a volume with an adapter and write the label map (``.seg.nrrd`` keeps names)."""
-    out = Path(job.out)
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"Output folder does not exist: {out.parent}")
+                    should_stop: Optional[Callable[[], bool]] = None,
+                    on_ready: Optional[Callable[[], None]] = None) -> PropagateOutcome:
+    """Segment a volume with an adapter and write the label map (``.seg.nrrd`` keeps names).
+
+    The output path, the adapter's metadata, the volume and the labels are
+    checked before the model is loaded (``on_ready`` is called then). A stop
+    request at any moment leaves nothing at ``job.out`` (the result says
+    ``interrupted``).
+    """
+    out = check_output_path(job.out)
+    check_label_map_suffix(out)
+    if loaded is None:
+        metadata = load_adapter_metadata(job.adapter)
+    else:
+        metadata = loaded.metadata
+    segments = metadata.segment_list
+    info = _volume_info_checked(job.image)
+    if job.labels is not None:
+        _volume_info_checked(job.labels)
+    if info is not None:
+        slices = info.size[2 - pp.slice_axis(metadata.axis)]
+        if job.config.slice_range is not None:
+            first, last = job.config.slice_range
+            slices = max(0, last - first + 1)
+        check_memory(propagation_memory_bytes(info.voxels, len(segments), slices, job.config.mode == "box",
+                                              info.bytes_per_component, job.labels is not None),
+                     f"Propagating {len(segments)} segment{'s' if len(segments) != 1 else ''} over this {' x '.join(map(str, info.size))} volume",
+                     "propagate part of the volume (--range FIRST:LAST), or close other programs")
     image, geometry = read_image(job.image)
     check_image_values(image)
-    loaded = loaded or load_adapter(job.adapter, weights=job.weights)
-    metadata = loaded.metadata
-    segments = metadata.segment_list
+    count = pp.slice_count(image.shape, metadata.axis)
+    if job.config.slice_range is not None:
+        first, last = job.config.slice_range
+        if not 0 <= first <= last < count:
+            raise PropagationInputError(
+                f"Slice range {first}:{last} is outside 0:{count - 1} along {metadata.axis}")
     user_labels, labelled = None, []
     if job.labels is not None:
         volume = read_labelled_volume(job.image, job.labels, job.resample_labels)
         user_labels = match_user_labels(volume.labels, volume.segments, segments)
         labelled = labelled_slices_of(user_labels, segments, metadata.axis)
+        if job.config.mode == "box" and not labelled:
+            names = ", ".join(s.name for s in segments)
+            raise PropagationInputError(
+                f"None of the adapter's segments ({names}) is drawn in {Path(job.labels).name}; "
+                "box propagation starts from the slices you drew")
+    if on_ready is not None:
+        on_ready()
+    if loaded is None:
+        if should_stop is not None and should_stop():
+            return PropagateOutcome(out, PropagationResult(np.zeros(0, np.uint16), [], 0.0, True), segments, labelled)
+        loaded = load_adapter(job.adapter, weights=job.weights)
     propagator = VolumePropagator(loaded.model, loaded.prompts, segments, metadata.intensity_mapping,
                                   metadata.axis, job.config)
     result = propagator.run(image, geometry.spacing, user_labels, labelled, on_progress, should_stop)
+    if not result.interrupted and should_stop is not None and should_stop():
+        result.interrupted = True  # a stop during the last slices or the clean-up: still write nothing
     if not result.interrupted:
         write_label_map(out, result.labels, geometry, segments)
     return PropagateOutcome(out, result, segments, labelled)

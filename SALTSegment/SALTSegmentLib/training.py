@@ -36,6 +36,11 @@ from .prompts import SegmentPrompts
 from .volume_io import Segment
 
 
+# Adapters and prompt tokens are small and start at the identity, so they take a
+# large step size; the whole decoder (4M weights) or the whole model diverge at it.
+DEFAULT_LEARNING_RATES = {"salt": 3e-3, "lora": 3e-3, "ssam": 3e-3, "decoder": 3e-4, "full": 1e-4}
+
+
 class TrainingInputError(ValueError):
     """The labelled data cannot train an adapter (no labelled slice, an empty segment, ...)."""
 
@@ -46,9 +51,9 @@ class TrainingConfig:
 
     method: str = "salt"
     method_options: dict = field(default_factory=dict)
-    steps: int = 60
+    steps: int = 40
     batch_size: int = 2
-    learning_rate: float = 3e-3
+    learning_rate: Optional[float] = None      # None: the method's default (DEFAULT_LEARNING_RATES)
     weight_decay: float = 1e-2
     warmup_fraction: float = 0.1
     segments_per_slice: int = 4
@@ -88,6 +93,30 @@ class FewShotData:
         selected = np.isin(self.labels, [s.label for s in self.segments])
         other_axes = tuple(a for a in range(3) if a != pp.slice_axis(self.axis))
         return [int(i) for i in np.flatnonzero(selected.any(axis=other_axes))]
+
+
+def check_training_data(data: FewShotData, slices: Optional[list[int]] = None) -> list[int]:
+    """Refuse data that cannot train an adapter; return the labelled slices.
+
+    Cheap (no model needed), so the pipeline runs it before loading a model.
+    """
+    if not data.segments:
+        raise TrainingInputError("The label map holds no segment: draw at least one segment on one slice")
+    slices = data.resolved_slices() if slices is None else slices
+    if not slices:
+        if data.labels.any():  # something is drawn, just not the segments chosen
+            names = ", ".join(f"'{s.name}'" for s in data.segments)
+            raise TrainingInputError(f"Segment {names} has no voxels in the label map; draw it on at least one "
+                                     "slice or leave it out" if len(data.segments) == 1 else
+                                     f"Segments {names} have no voxels in the label map; draw them first")
+        raise TrainingInputError("No labelled slice: draw at least one selected segment on one slice")
+    stack = np.stack([pp.take_slice(data.labels, data.axis, s) for s in slices])
+    for segment in data.segments:
+        if not (stack == segment.label).any():
+            raise TrainingInputError(
+                f"Segment '{segment.name}' has no voxels on the labelled slices; draw it on at least one "
+                "slice or leave it out")
+    return slices
 
 
 @dataclass
@@ -150,19 +179,11 @@ class FewShotTrainer:
             pp.take_slice(data.labels, data.axis, 0).shape, pp.slice_pixel_spacing(data.spacing, data.axis),
             model.input_size)
         self.low_res = 4 * model.embedding_size[0]
+        self.learning_rate = config.learning_rate or DEFAULT_LEARNING_RATES[config.method]
 
     # ------------------------------------------------------------------ checks
     def _check_inputs(self) -> None:
-        if not self.data.segments:
-            raise TrainingInputError("No segment selected for training")
-        if not self.slices:
-            raise TrainingInputError("No labelled slice: draw at least one selected segment on one slice")
-        stack = np.stack([pp.take_slice(self.data.labels, self.data.axis, s) for s in self.slices])
-        for segment in self.data.segments:
-            if not (stack == segment.label).any():
-                raise TrainingInputError(
-                    f"Segment '{segment.name}' has no voxels on the labelled slices; draw it on at least one "
-                    "slice or leave it out")
+        check_training_data(self.data, self.slices)
 
     # ------------------------------------------------------------------ data
     def _labelled_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,18 +257,31 @@ class FewShotTrainer:
         self.prompts.init_from_boxes(self.model, union.to(self.device))
 
     def _choose_segments(self, present: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, bool]:
-        """Segments to decode on one copy, and whether they also get a box prompt."""
+        """Segments to decode on one copy (present ones first, then at least one absent), and box or not.
+
+        Absent segments are kept in box mode too: prompted with a box taken
+        from another slice, they teach the model to answer "not here", which
+        is what stops a box walk at the end of a structure.
+        """
         limit = self.config.segments_per_slice
         present_idx = torch.nonzero(present, as_tuple=True)[0]
         absent_idx = torch.nonzero(~present, as_tuple=True)[0]
-        use_box = bool(present_idx.numel()) and float(torch.rand((), generator=generator)) < \
-            self.config.box_prompt_fraction
+        use_box = float(torch.rand((), generator=generator)) < self.config.box_prompt_fraction
         present_idx = present_idx[torch.randperm(present_idx.numel(), generator=generator)][:limit]
-        if use_box:
-            return present_idx, True
         room = max(limit - present_idx.numel(), 1 if absent_idx.numel() else 0)
         absent_idx = absent_idx[torch.randperm(absent_idx.numel(), generator=generator)][:room]
-        return torch.cat([present_idx, absent_idx]), False
+        return torch.cat([present_idx, absent_idx]), use_box
+
+    def _prompt_boxes(self, bank: _Bank, copy_index: int, chosen: torch.Tensor,
+                      generator: torch.Generator) -> torch.Tensor:
+        """Each chosen segment's box on this copy, or, where it is absent, its box on another copy."""
+        boxes = bank.boxes[copy_index, chosen].clone()
+        for row, segment in enumerate(chosen.tolist()):
+            if torch.isnan(boxes[row, 0]):
+                donors = torch.nonzero(bank.present[:, segment], as_tuple=True)[0]
+                donor = donors[torch.randint(donors.numel(), (1,), generator=generator)]
+                boxes[row] = bank.boxes[donor[0], segment]
+        return self._jittered_boxes(boxes, generator)
 
     def _jittered_boxes(self, boxes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Boxes grown by a random margin and shifted a little, as a user's or a neighbour's box would be."""
@@ -274,7 +308,7 @@ class FewShotTrainer:
                 chosen, use_box = self._choose_segments(bank.present[copy_index], generator)
                 sparse = self.prompts(chosen.to(self.device))
                 if use_box:
-                    boxes = self._jittered_boxes(bank.boxes[copy_index, chosen], generator).to(self.device)
+                    boxes = self._prompt_boxes(bank, copy_index, chosen, generator).to(self.device)
                     sparse = torch.cat([sparse, self.model.embed_boxes(boxes).to(sparse.dtype)], dim=1)
                 logits, _ = self.model.decode(embeddings[row:row + 1], sparse)
                 all_logits.append(logits[:, 0])
@@ -284,19 +318,36 @@ class FewShotTrainer:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad] + list(self.prompts.parameters())
 
+    def prepare(self) -> None:
+        """Build the augmented bank, initialise the prompts and the optimiser (done once, before steps)."""
+        start = time.perf_counter()
+        torch.manual_seed(self.config.seed)
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.bank = self._build_bank(self.generator)
+        self._init_prompts(self.bank)
+        self.optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate,
+                                           weight_decay=self.config.weight_decay)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._learning_rate_factor)
+        self.setup_seconds = time.perf_counter() - start
+
+    def step(self) -> tuple[float, float]:
+        """One optimisation step; returns (loss, learning rate used)."""
+        weights = self.bank.weights
+        batch = torch.multinomial(weights, self.config.batch_size,
+                                  replacement=weights.numel() < self.config.batch_size, generator=self.generator)
+        loss = self._step_loss(self.bank, batch, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        rate = self.optimizer.param_groups[0]["lr"]
+        self.schedule.step()
+        return float(loss.detach()), rate
+
     def run(self, on_step: Optional[Callable[[StepReport], None]] = None,
             should_stop: Optional[Callable[[], bool]] = None,
             on_checkpoint: Optional[Callable[[int], None]] = None) -> TrainingResult:
         """Train; ``should_stop`` is polled between steps (SIGTERM lands there), checkpoints every N steps."""
-        start = time.perf_counter()
-        torch.manual_seed(self.config.seed)
-        generator = torch.Generator().manual_seed(self.config.seed)
-        bank = self._build_bank(generator)
-        self._init_prompts(bank)
-        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.config.learning_rate,
-                                      weight_decay=self.config.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self._learning_rate_factor)
-        setup_seconds = time.perf_counter() - start
+        self.prepare()
         losses, rates = [], []
         interrupted = False
         train_start = time.perf_counter()
@@ -304,25 +355,19 @@ class FewShotTrainer:
             if should_stop is not None and should_stop():
                 interrupted = True
                 break
-            batch = torch.multinomial(bank.weights, self.config.batch_size,
-                                      replacement=bank.weights.numel() < self.config.batch_size, generator=generator)
-            loss = self._step_loss(bank, batch, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            rates.append(optimizer.param_groups[0]["lr"])
-            schedule.step()
-            losses.append(float(loss.detach()))
-            elapsed = time.perf_counter() - train_start
+            loss, rate = self.step()
+            losses.append(loss)
+            rates.append(rate)
+            done = step + 1
             if on_step is not None:
-                done = step + 1
-                on_step(StepReport(done, self.config.steps, losses[-1], rates[-1], elapsed + setup_seconds,
+                elapsed = time.perf_counter() - train_start
+                on_step(StepReport(done, self.config.steps, loss, rate, elapsed + self.setup_seconds,
                                    elapsed / done * (self.config.steps - done)))
-            if on_checkpoint is not None and self.config.checkpoint_every and (step + 1) % \
-                    self.config.checkpoint_every == 0 and step + 1 < self.config.steps:
-                on_checkpoint(step + 1)
+            if on_checkpoint is not None and self.config.checkpoint_every and done % self.config.checkpoint_every == 0 \
+                    and done < self.config.steps:
+                on_checkpoint(done)
         return TrainingResult(
-            steps_done=len(losses), losses=losses, learning_rates=rates, setup_seconds=setup_seconds,
+            steps_done=len(losses), losses=losses, learning_rates=rates, setup_seconds=self.setup_seconds,
             train_seconds=time.perf_counter() - train_start, interrupted=interrupted,
             labelled_slices=self.slices, device=str(self.device),
             precision="bf16" if self.dtype == torch.bfloat16 else "fp32")

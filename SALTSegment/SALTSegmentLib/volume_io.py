@@ -55,7 +55,8 @@ class VolumeGeometry:
             a, b = np.asarray(getattr(self, name)), np.asarray(getattr(other, name))
             scale = 1.0 if name == "direction" else max(1.0, float(np.abs(a).max(initial=0.0)))
             if not np.allclose(a, b, atol=tolerance * scale, rtol=0):
-                diffs.append(f"{name} {tuple(np.round(a, 4))} vs {tuple(np.round(b, 4))}")
+                diffs.append(f"{name} {tuple(round(float(v), 4) for v in a)} vs "
+                             f"{tuple(round(float(v), 4) for v in b)}")
         return diffs
 
     def to_dict(self) -> dict:
@@ -90,7 +91,12 @@ def _read_sitk(path: str | os.PathLike) -> sitk.Image:
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(path))
+            warnings = sitk.ProcessObject_GetGlobalWarningDisplay()
+            sitk.ProcessObject_SetGlobalWarningDisplay(False)  # ITK prints "No Series were found" to stderr
+            try:
+                series = reader.GetGDCMSeriesIDs(str(path))
+            finally:
+                sitk.ProcessObject_SetGlobalWarningDisplay(warnings)
             if not series:
                 raise VolumeReadError(f"No DICOM series found in folder {path}")
             if len(series) > 1:
@@ -116,6 +122,45 @@ def _require_3d_scalar(image: sitk.Image, path: str | os.PathLike) -> None:
             "a scalar (single-channel) 3D volume is needed")
     if image.GetDimension() != 3:
         raise VolumeReadError(f"{path} is {image.GetDimension()}D; a 3D volume is needed")
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """What a volume file's header says, read without loading any voxel."""
+
+    size: tuple[int, ...]
+    components: int
+    bytes_per_component: int
+
+    @property
+    def voxels(self) -> int:
+        return int(np.prod(self.size, dtype=np.float64))
+
+
+def read_volume_info(path: str | os.PathLike) -> VolumeInfo | None:
+    """The header of a volume file (size, components, pixel size); ``None`` for DICOM folders.
+
+    Lets the pipeline refuse a volume that would not fit in memory, or the
+    wrong number of dimensions, before reading its voxels.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise VolumeReadError(f"File not found: {path}")
+    if path.is_dir():
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
+        raise VolumeReadError(f"Cannot read {path}: {first_line}") from None
+    components = int(reader.GetNumberOfComponents())
+    try:
+        bytes_per_component = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID()).GetSizeOfPixelComponent()
+    except RuntimeError:
+        bytes_per_component = 8
+    return VolumeInfo(tuple(int(v) for v in reader.GetSize()), components, int(bytes_per_component))
 
 
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, VolumeGeometry]:
