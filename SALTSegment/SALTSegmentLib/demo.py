@@ -32,7 +32,7 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run_demo(out: Path, method: str = "salt", steps: int = 60, mode: str = "auto", labelled_count: int = 5,
+def run_demo(out: Path, method: str = "salt", steps: int = 60, mode: str = "box", labelled_count: int = 5,
              device: str = "auto", should_stop: Optional[Callable[[], bool]] = None) -> int:
     """Run the demo into ``out``; print the Dice table; return an exit code."""
     from tqdm import tqdm

@@ -135,10 +135,16 @@ class VolumePropagator:
             interrupted = self._run_box(volume01, indices, geometry, probabilities, user_labels, labelled,
                                         spacing, report, should_stop)
         labels = self._labels_from_probabilities(probabilities)
-        if self.config.cleanup:
-            labels = keep_largest_components(labels, [s.label for s in self.segments])
+        values = [s.label for s in self.segments]
         if user_labels is not None:
-            restore_labelled_slices(labels, user_labels, labelled, self.axis, [s.label for s in self.segments])
+            # Before the clean-up too: the drawn slices join the pieces predicted between them.
+            restore_labelled_slices(labels, user_labels, labelled, self.axis, values)
+        if self.config.cleanup:
+            if user_labels is not None:
+                bound_by_labelled_negatives(labels, user_labels, labelled, self.axis, values)
+            labels = keep_largest_components(labels, values)
+        if user_labels is not None:
+            restore_labelled_slices(labels, user_labels, labelled, self.axis, values)
         return PropagationResult(labels, indices, time.perf_counter() - start, interrupted)
 
     def _run_auto(self, volume01, indices, geometry, probabilities, report, should_stop) -> bool:
@@ -214,6 +220,32 @@ def keep_largest_components(labels: np.ndarray, values: list[int]) -> np.ndarray
             sizes[0] = 0
             cleaned[mask & (components != sizes.argmax())] = 0
     return cleaned
+
+
+def bound_by_labelled_negatives(labels: np.ndarray, user_labels: np.ndarray, labelled: list[int], axis: str,
+                                values: list[int]) -> None:
+    """Remove each segment beyond the nearest labelled slice on which the user left it out, in place.
+
+    A labelled slice without a segment is the user saying "not here"; for a
+    single connected structure (what the clean-up assumes) nothing of it can
+    lie on the far side of that slice either.
+    """
+    dim = pp.slice_axis(axis)
+    count = labels.shape[dim]
+    for value in values:
+        present = [i for i in labelled if (pp.take_slice(user_labels, axis, i) == value).any()]
+        if not present:
+            continue
+        absent = [i for i in labelled if i not in present]
+        below = [i for i in absent if i < min(present)]
+        above = [i for i in absent if i > max(present)]
+        first = max(below) + 1 if below else 0
+        last = min(above) - 1 if above else count - 1
+        outside = np.ones(count, dtype=bool)
+        outside[first:last + 1] = False
+        shape = [1, 1, 1]
+        shape[dim] = count
+        labels[(labels == value) & outside.reshape(shape)] = 0
 
 
 def restore_labelled_slices(labels: np.ndarray, user_labels: np.ndarray, labelled: list[int], axis: str,

@@ -71,7 +71,7 @@ class PropagateSettings:
     adapter: str
     out: str
     labels: str | None = None   # the user's drawn slices: kept as drawn, and seeds for box mode
-    mode: str = "auto"
+    mode: str = "box"
     first: int | None = None
     last: int | None = None
     device: str = "auto"
