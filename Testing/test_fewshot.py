@@ -203,4 +203,5 @@ def test_training_is_deterministic_under_a_seed(small_case):
     for _ in range(2):
         trainer = FewShotTrainer(load_model("lite_medsam"), data, TrainingConfig(steps=2, seed=7, **FAST))
         runs.append(trainer.run().losses)
-    assert runs[0] == runs[1]
+    # Same batches, augmentations and prompts; only the last bits of parallel bf16 reductions may differ.
+    np.testing.assert_allclose(runs[0], runs[1], rtol=1e-6)

@@ -219,5 +219,4 @@ def load_adapter(path: str | os.PathLike, weights: Optional[str | os.PathLike] =
     prompts = SegmentPrompts(tokens.shape[0], tokens.shape[2], tokens.shape[1])
     with torch.no_grad():
         prompts.tokens.copy_(tokens)
-    model.requires_grad_(False)
     return LoadedAdapter(model.eval(), prompts.eval(), metadata)

@@ -78,6 +78,8 @@ def bench_speed(models: tuple[str, ...] = ("lite_medsam", "sam_vit_b"), repeats:
     image, geometry, _, segments, labelled, drawn = _sample()
     data = FewShotData(image, drawn, geometry.spacing, segments, pp.parse_intensity("auto", image), "axial", labelled)
     results: dict = {"threads": torch.get_num_threads(), "repeats": repeats, "train_step_s": {}}
+    # Children first: a forked child's peak RSS starts at its parent's, so measure while this process is small.
+    results.update(_process_costs(image, drawn, geometry, segments))
     for model_id in models:
         input_size = 256
         say(f"train steps: {model_id} @ {input_size}, batch 2, methods {', '.join(SPEED_METHODS)}")
@@ -95,7 +97,6 @@ def bench_speed(models: tuple[str, ...] = ("lite_medsam", "sam_vit_b"), repeats:
         if model_id == "lite_medsam":
             results["inference_per_slice_s"] = _inference_overhead(trainers["salt"], data, repeats)
         del trainers
-    results.update(_process_costs(image, drawn, geometry, segments))
     return results
 
 

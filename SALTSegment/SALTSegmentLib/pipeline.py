@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import preprocessing as pp
+from .adapters import merge_adapters
 from .adapter_io import AdapterMetadata, LoadedAdapter, load_adapter, load_adapter_metadata, save_adapter
 from .metrics import EvaluationReport, evaluate_label_maps
 from .models import WeightsError, get_spec, load_model
@@ -390,6 +391,7 @@ def run_propagation(job: PropagateJob, loaded: Optional[LoadedAdapter] = None,
         if should_stop is not None and should_stop():
             return PropagateOutcome(out, PropagationResult(np.zeros(0, np.uint16), [], 0.0, True), segments, labelled)
         loaded = load_adapter(job.adapter, weights=job.weights)
+        merge_adapters(loaded.model)  # plain weights again: propagation pays nothing for the adapter
     propagator = VolumePropagator(loaded.model, loaded.prompts, segments, metadata.intensity_mapping,
                                   metadata.axis, job.config)
     result = propagator.run(image, geometry.spacing, user_labels, labelled, on_progress, should_stop)

@@ -172,6 +172,7 @@ class FewShotTrainer:
         self.dtype = autocast_dtype(self.device, config.precision)
         self.slices = data.resolved_slices()
         self._check_inputs()
+        torch.manual_seed(config.seed)  # adapter initialisation (e.g. SALT's residual X) draws from it
         self.method_config = apply_method(model, config.method, config.method_options)
         self.model.to(self.device).eval()  # frozen BatchNorm statistics; there is no dropout to disable
         self.prompts = SegmentPrompts(len(data.segments)).to(self.device)
