@@ -72,8 +72,13 @@ def _child_peak_rss_mb(arguments: list[str]) -> tuple[float, float]:
     return usage.ru_maxrss / 1024.0, seconds
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def bench_speed(models: tuple[str, ...] = ("lite_medsam", "sam_vit_b"), repeats: int = 5,
-                say: Callable[[str], None] = print) -> dict:
+                say: Callable[[str], None] = print, vit_input_size: int = 256) -> dict:
     """Median train-step times per method, inference overhead, propagation throughput and peak RSS."""
     image, geometry, _, segments, labelled, drawn = _sample()
     data = FewShotData(image, drawn, geometry.spacing, segments, pp.parse_intensity("auto", image), "axial", labelled)
@@ -81,22 +86,26 @@ def bench_speed(models: tuple[str, ...] = ("lite_medsam", "sam_vit_b"), repeats:
     # Children first: a forked child's peak RSS starts at its parent's, so measure while this process is small.
     results.update(_process_costs(image, drawn, geometry, segments))
     for model_id in models:
-        input_size = 256
+        input_size = 256 if model_id == "lite_medsam" else vit_input_size
         say(f"train steps: {model_id} @ {input_size}, batch 2, methods {', '.join(SPEED_METHODS)}")
         trainers = {method: _trainer(model_id, method, data, input_size) for method in SPEED_METHODS}
         times: dict[str, list[float]] = {method: [] for method in SPEED_METHODS}
         for _ in range(repeats):
             for method, trainer in trainers.items():
+                _synchronize()
                 start = time.perf_counter()
                 trainer.step()
+                _synchronize()
                 times[method].append(time.perf_counter() - start)
         medians = {method: statistics.median(values) for method, values in times.items()}
-        results["train_step_s"][model_id] = {
+        results["train_step_s"][f"{model_id}@{input_size}"] = {
             "median_s": {m: round(v, 3) for m, v in medians.items()},
             "ratio_to_lora": {m: round(v / medians["lora"], 3) for m, v in medians.items()}}
         if model_id == "lite_medsam":
             results["inference_per_slice_s"] = _inference_overhead(trainers["salt"], data, repeats)
         del trainers
+    if torch.cuda.is_available():
+        results["peak_cuda_mb_training"] = round(torch.cuda.max_memory_allocated() / 2**20)
     return results
 
 
@@ -143,8 +152,6 @@ def _process_costs(image, drawn, geometry, segments) -> dict:
     result = {"peak_rss_mb": {"train": round(train_rss), "propagate": round(propagate_rss)},
               "propagation": {"slices": slices, "wall_s_including_start": round(propagate_s, 1),
                               "slices_per_s": round(slices / propagate_s, 2)}}
-    if torch.cuda.is_available():
-        result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     return result
 
 

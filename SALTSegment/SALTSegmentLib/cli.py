@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench-output", help="folder for quality.json/.md/.png and speed.json")
     bench.add_argument("--repeats", type=_positive_int, default=5, help="speed: interleaved repetitions")
     bench.add_argument("--models", default="lite_medsam,sam_vit_b", help="speed: base models (random ViT weights)")
+    bench.add_argument("--vit-input-size", type=int, choices=(256, 512, 1024), default=256,
+                       help="speed: input size of the ViT models")
     bench.add_argument("--counts", type=_int_list, default=[1, 3, 5, 9], help="quality: labelled slice counts")
     bench.add_argument("--methods", default="salt,lora,ssam,decoder", help="quality: methods")
     bench.add_argument("--seeds", type=_int_list, default=[0, 1])
@@ -294,7 +296,7 @@ def _bench(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     if args.kind == "speed":
-        results = benchmarks.bench_speed(tuple(args.models.split(",")), args.repeats, say)
+        results = benchmarks.bench_speed(tuple(args.models.split(",")), args.repeats, say, args.vit_input_size)
         with atomic_path(out / "speed.json") as temporary:
             temporary.write_text(json.dumps(results, indent=2))
         print(json.dumps(results))
