@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 torch.set_num_threads(2)
@@ -44,3 +46,32 @@ def lite_medsam():
     from SALTSegmentLib.models import load_model
 
     return load_model("lite_medsam")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Single-threaded torch for a module (shared CPU), without leaking the setting to other suites."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def thalamus_crop(tmp_path_factory, sample_image_path, sample_labels_path) -> Path:
+    """Eight axial slices (28..35) of the sample: image, the left thalamus drawn on slices 2 and 6, full reference."""
+    from SALTSegmentLib.volume_io import VolumeGeometry, read_label_map, write_label_map
+
+    folder = tmp_path_factory.mktemp("thalamus_crop")
+    image = sitk.ReadImage(str(sample_image_path))
+    size = list(image.GetSize())
+    crop = sitk.RegionOfInterest(image, [size[0], size[1], 8], [0, 0, 28])
+    sitk.WriteImage(crop, str(folder / "image.nrrd"))
+    labels, _, segments = read_label_map(sample_labels_path)
+    labels = labels[28:36]
+    drawn = np.zeros_like(labels)
+    drawn[[2, 6]] = np.where(labels[[2, 6]] == 1, 1, 0)
+    geometry = VolumeGeometry.from_image(crop)
+    write_label_map(folder / "drawn.seg.nrrd", drawn, geometry, segments[:1])
+    write_label_map(folder / "reference.seg.nrrd", np.where(labels == 1, 1, 0), geometry, segments[:1])
+    return folder

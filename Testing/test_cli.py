@@ -10,12 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from SALTSegmentLib.adapter_io import load_adapter, read_adapter_metadata
-from SALTSegmentLib.volume_io import read_label_map, write_label_map
 from SALTSegmentLib.worker_protocol import EXIT_INTERRUPTED, EXIT_OK, parse_line
 
 
@@ -30,23 +27,8 @@ def _environment() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_case(tmp_path_factory, sample_image_path, sample_labels_path) -> Path:
-    """Eight axial slices of the sample with the left thalamus drawn on two of them."""
-    folder = tmp_path_factory.mktemp("cli_case")
-    image = sitk.ReadImage(str(sample_image_path))
-    size = list(image.GetSize())
-    crop = sitk.RegionOfInterest(image, [size[0], size[1], 8], [0, 0, 28])
-    sitk.WriteImage(crop, str(folder / "image.nrrd"))
-    labels, _, segments = read_label_map(sample_labels_path)
-    labels = labels[28:36]
-    drawn = np.zeros_like(labels)
-    drawn[[2, 6]] = np.where(labels[[2, 6]] == 1, 1, 0)
-    from SALTSegmentLib.volume_io import VolumeGeometry
-
-    write_label_map(folder / "drawn.seg.nrrd", drawn, VolumeGeometry.from_image(crop), segments[:1])
-    full = np.where(labels == 1, 1, 0)
-    write_label_map(folder / "reference.seg.nrrd", full, VolumeGeometry.from_image(crop), segments[:1])
-    return folder
+def tiny_case(thalamus_crop) -> Path:
+    return thalamus_crop
 
 
 def _train_args(case: Path, out: Path, steps: int, *extra: str) -> list[str]:

@@ -25,13 +25,7 @@ from SALTSegmentLib.adapters import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Single-threaded here (shared CPU) without leaking the setting to other suites."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ToyBlock(nn.Module):

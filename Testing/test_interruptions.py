@@ -20,30 +20,20 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from SALTSegmentLib.adapter_io import load_adapter, read_adapter_metadata
-from SALTSegmentLib.volume_io import VolumeGeometry, read_label_map, write_label_map
+from SALTSegmentLib.volume_io import read_label_map
 from SALTSegmentLib.worker_protocol import EXIT_INTERRUPTED, parse_line
 
 PREVIOUS = b"the previous output: must survive an interrupted run\n"
 
 
 @pytest.fixture(scope="module")
-def case(tmp_path_factory, sample_image_path, sample_labels_path) -> Path:
-    """Eight axial slices with the left thalamus drawn on two; a LoRA adapter (untrained) for propagation."""
-    folder = tmp_path_factory.mktemp("interruptions")
-    image = sitk.ReadImage(str(sample_image_path))
-    size = list(image.GetSize())
-    crop = sitk.RegionOfInterest(image, [size[0], size[1], 8], [0, 0, 28])
-    sitk.WriteImage(crop, str(folder / "image.nrrd"))
-    labels, _, segments = read_label_map(sample_labels_path)
-    labels = labels[28:36]
-    drawn = np.zeros_like(labels)
-    drawn[[2, 6]] = np.where(labels[[2, 6]] == 1, 1, 0)
-    write_label_map(folder / "drawn.seg.nrrd", drawn, VolumeGeometry.from_image(crop), segments[:1])
+def case(thalamus_crop, sample_image_path, sample_labels_path) -> Path:
+    """The shared eight-slice crop plus a LoRA adapter (untrained) for propagation."""
+    folder = thalamus_crop
+    _, _, segments = read_label_map(sample_labels_path)
 
     from SALTSegmentLib import preprocessing as pp
     from SALTSegmentLib.adaptation import apply_method, preset_options

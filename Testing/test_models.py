@@ -21,7 +21,7 @@ from SALTSegmentLib.models import (MODEL_REGISTRY, UnknownModelError, WeightsErr
                                    get_spec, load_model)
 from SALTSegmentLib.models import weights as weights_module
 from SALTSegmentLib.models.lite_medsam import LITE_MEDSAM_SHA256, LITE_MEDSAM_SIZE, packaged_weights_path
-from SALTSegmentLib.models.sam_vit import VIT_SHAPES, build_sam_vit, resize_position_tables
+from SALTSegmentLib.models.sam_vit import VIT_SHAPES, resize_position_tables
 from SALTSegmentLib.models.weights import download, load_state_dict_strict, read_state_dict, verify_file
 
 

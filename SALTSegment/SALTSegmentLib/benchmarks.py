@@ -235,7 +235,7 @@ def quality_table(results: QualityResults) -> str:
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if results.zero_shot:
         oracle = float(np.mean(list(results.zero_shot.values())))
-        lines.append(f"| zero-shot, reference box on every slice (oracle) | " + " | ".join(
+        lines.append("| zero-shot, reference box on every slice (oracle) | " + " | ".join(
             f"{oracle:.3f}" for _ in counts) + " |")
     return "\n".join(lines)
 
