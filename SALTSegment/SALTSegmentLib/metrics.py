@@ -15,9 +15,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .preprocessing import slice_axis
 from .volume_io import Segment
 
-AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 
 # Face (6-)connectivity: a voxel is on the surface when a face neighbour is background.
 _FACE_NEIGHBOURS = ndimage.generate_binary_structure(3, 1)
@@ -31,14 +31,6 @@ def _require_same_shape(pred: np.ndarray, ref: np.ndarray) -> None:
     if np.shape(pred) != np.shape(ref):
         raise ValueError(f"Prediction shape {np.shape(pred)} differs from reference shape {np.shape(ref)}; "
                          "both must lie on the same voxel grid")
-
-
-def axis_index(axis: str) -> int:
-    """Array axis of a slice orientation name (axial = 0, coronal = 1, sagittal = 2)."""
-    try:
-        return AXES[axis]
-    except KeyError:
-        raise ValueError(f"Unknown axis {axis!r}; use one of {', '.join(AXES)}") from None
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -164,7 +156,7 @@ def evaluate_label_maps(pred: np.ndarray, ref: np.ndarray, segments: list[Segmen
     if pred.ndim != 3:
         raise ValueError(f"Label maps must be 3D (z, y, x), got {pred.ndim}D")
     spacing = _check_spacing(spacing_xyz)
-    dim = axis_index(axis)
+    dim = slice_axis(axis)
     kept = np.ones(pred.shape[dim], dtype=bool)
     if exclude_slices:
         bad = [i for i in exclude_slices if not 0 <= int(i) < pred.shape[dim]]

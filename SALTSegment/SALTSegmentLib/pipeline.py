@@ -321,9 +321,7 @@ class PropagateOutcome:
 
 def labelled_slices_of(labels: np.ndarray, segments: list[Segment], axis: str) -> list[int]:
     """Slices on which any of ``segments`` has voxels: the slices the user drew."""
-    selected = np.isin(labels, [s.label for s in segments])
-    other_axes = tuple(a for a in range(3) if a != pp.slice_axis(axis))
-    return [int(i) for i in np.flatnonzero(selected.any(axis=other_axes))]
+    return pp.occupied_slices(np.isin(labels, [s.label for s in segments]), axis)
 
 
 def match_user_labels(labels: np.ndarray, label_segments: list[Segment], adapter_segments: list[Segment]

@@ -62,6 +62,12 @@ def slice_count(shape: tuple[int, ...], axis: str) -> int:
     return int(shape[slice_axis(axis)])
 
 
+def occupied_slices(mask: np.ndarray, axis: str) -> list[int]:
+    """Indices of the slices along ``axis`` on which a 3D boolean mask has any voxel."""
+    other_axes = tuple(a for a in range(3) if a != slice_axis(axis))
+    return [int(i) for i in np.flatnonzero(mask.any(axis=other_axes))]
+
+
 def slice_pixel_spacing(spacing_xyz: tuple[float, float, float], axis: str) -> tuple[float, float]:
     """(row, column) spacing of a slice, from the volume spacing given as (x, y, z)."""
     sx, sy, sz = spacing_xyz

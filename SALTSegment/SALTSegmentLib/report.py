@@ -20,7 +20,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from .atomic_files import atomic_path
-from .metrics import EvaluationReport, axis_index
+from .metrics import EvaluationReport
+from .preprocessing import slice_axis
 from .volume_io import Segment
 
 REFERENCE_COLOR = "white"
@@ -91,7 +92,7 @@ def write_montage(path: str | os.PathLike, image: np.ndarray, reference: Optiona
             raise ValueError(f"The {name} shape {volume.shape} differs from the image shape {image.shape}")
     if max_panels < 1:
         raise ValueError(f"max_panels must be at least 1, got {max_panels}")
-    dim = axis_index(axis)
+    dim = slice_axis(axis)
     if indices is None:
         indices = _default_indices(reference, prediction, segments, dim, max_panels)
     else:

@@ -90,9 +90,7 @@ class FewShotData:
             if bad:
                 raise TrainingInputError(f"Labelled slice(s) {bad} outside 0..{count - 1} along {self.axis}")
             return sorted(set(int(s) for s in self.labelled_slices))
-        selected = np.isin(self.labels, [s.label for s in self.segments])
-        other_axes = tuple(a for a in range(3) if a != pp.slice_axis(self.axis))
-        return [int(i) for i in np.flatnonzero(selected.any(axis=other_axes))]
+        return pp.occupied_slices(np.isin(self.labels, [s.label for s in self.segments]), self.axis)
 
 
 def check_training_data(data: FewShotData, slices: Optional[list[int]] = None) -> list[int]:

