@@ -416,7 +416,7 @@ def test_unusual_intensities_pass_every_check_before_the_model(name, inputs, tmp
 
 
 def test_output_path_checks(tmp_path, monkeypatch):
-    from SALTSegmentLib.pipeline import check_output_path
+    from SALTSegmentLib.preflight import check_output_path
 
     with pytest.raises(IsADirectoryError, match="Output path is a folder"):
         check_output_path(tmp_path)
@@ -447,7 +447,7 @@ def test_adapter_files_that_are_not_adapters(inputs, tmp_path):
 # --------------------------------------------------------------------------- memory estimate
 
 def test_memory_estimates_grow_with_the_volume_and_segments():
-    from SALTSegmentLib.pipeline import propagation_memory_bytes, training_memory_bytes
+    from SALTSegmentLib.preflight import propagation_memory_bytes, training_memory_bytes
 
     small = propagation_memory_bytes(100_000, 2, 10, box_mode=False)
     assert propagation_memory_bytes(200_000, 2, 10, box_mode=False) == 2 * small
@@ -459,7 +459,7 @@ def test_memory_estimates_grow_with_the_volume_and_segments():
 
 
 def test_available_memory_reads_the_override_and_meminfo(monkeypatch):
-    from SALTSegmentLib.pipeline import MEMORY_LIMIT_ENV, available_memory_bytes, check_memory
+    from SALTSegmentLib.preflight import MEMORY_LIMIT_ENV, available_memory_bytes, check_memory
 
     monkeypatch.setenv(MEMORY_LIMIT_ENV, "2e9")
     assert available_memory_bytes() == 2_000_000_000
