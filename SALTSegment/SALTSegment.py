@@ -28,8 +28,8 @@ from slicer.util import VTKObservationMixin
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 METHODS = [("SALT", "salt"), ("LoRA", "lora"), ("S-SAM", "ssam"), ("Mask decoder only", "decoder"),
            ("Full fine-tuning", "full")]
-RANK_PRESETS = [("Default for the method", None), ("Small (paper rank 4)", "small"),
-                ("Large (paper rank 256)", "large")]
+RANK_PRESETS = [("Default (the paper's rank-4 setting)", None), ("Small (half the spectrum, residual rank 2)", "small"),
+                ("Large (residual rank 32)", "large")]
 MODEL_IDS = ["lite_medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"]
 # Slicer ships these; pip must never replace them (see installDependencies).
 SLICER_OWNED_PACKAGES = ("numpy", "SimpleITK")
