@@ -265,6 +265,7 @@ def write_quality_outputs(results: QualityResults, folder: Path) -> tuple[Path, 
     if results.zero_shot:
         axes.axhline(float(np.mean(list(results.zero_shot.values()))), color="grey", linestyle="--",
                      label="zero-shot oracle box")
+    axes.set_xticks(sorted({run.labelled for run in results.runs}))
     axes.set_xlabel("labelled slices")
     axes.set_ylabel("mean Dice, unlabelled slices")
     axes.set_ylim(0, 1)
