@@ -179,3 +179,17 @@ def test_sigterm_stops_a_child_that_saves_and_exits_3(tmp_path):
     assert outcome.message.endswith(str(adapter))
     assert adapter.read_text() == "saved"
     assert 2 <= worker.monitor.step < 1000
+
+
+def test_choices_match_the_engine():
+    """worker_process repeats the CLI's choices so the Slicer process needs no torch; they must not drift."""
+    from SALTSegmentLib import worker_process
+    from SALTSegmentLib.adaptation import METHODS
+    from SALTSegmentLib.devices import DEVICE_CHOICES
+    from SALTSegmentLib.preprocessing import SLICE_AXES
+    from SALTSegmentLib.propagation import MODES
+
+    assert tuple(worker_process.METHODS) == tuple(METHODS)
+    assert tuple(worker_process.DEVICES) == tuple(DEVICE_CHOICES)
+    assert tuple(worker_process.AXES) == tuple(SLICE_AXES)
+    assert set(worker_process.PROPAGATION_MODES) == set(MODES)
