@@ -69,10 +69,9 @@ def resample_labels_to(labels: np.ndarray, label_geometry: VolumeGeometry, targe
     return sitk.GetArrayFromImage(resampled).astype(np.uint16)
 
 
-def read_labelled_volume(image_path: str | os.PathLike, labels_path: str | os.PathLike,
-                         resample_labels: bool = False) -> LabelledVolume:
-    """Read an image and its label map, refusing (or, if asked, resampling) a label map on another grid."""
-    image, geometry = read_image(image_path)
+def read_labels_on_grid(labels_path: str | os.PathLike, geometry: VolumeGeometry,
+                       resample_labels: bool = False) -> tuple[np.ndarray, list[Segment]]:
+    """Read a label map for an image grid, refusing (or, if asked, resampling) one on another grid."""
     labels, label_geometry, segments = read_label_map(labels_path)
     differences = label_geometry.differences(geometry)
     if differences:
@@ -81,6 +80,14 @@ def read_labelled_volume(image_path: str | os.PathLike, labels_path: str | os.Pa
                 f"The label map is not on the image grid ({'; '.join(differences)}); "
                 "pass --resample-labels to resample it onto the image")
         labels = resample_labels_to(labels, label_geometry, geometry)
+    return labels, segments
+
+
+def read_labelled_volume(image_path: str | os.PathLike, labels_path: str | os.PathLike,
+                         resample_labels: bool = False) -> LabelledVolume:
+    """Read an image and its label map on the same grid (see :func:`read_labels_on_grid`)."""
+    image, geometry = read_image(image_path)
+    labels, segments = read_labels_on_grid(labels_path, geometry, resample_labels)
     return LabelledVolume(image, geometry, labels, segments)
 
 
@@ -267,8 +274,8 @@ def run_propagation(job: PropagateJob, loaded: Optional[LoadedAdapter] = None,
                 f"Slice range {first}:{last} is outside 0:{count - 1} along {metadata.axis}")
     user_labels, labelled = None, []
     if job.labels is not None:
-        volume = read_labelled_volume(job.image, job.labels, job.resample_labels)
-        user_labels = match_user_labels(volume.labels, volume.segments, segments)
+        labels, label_segments = read_labels_on_grid(job.labels, geometry, job.resample_labels)
+        user_labels = match_user_labels(labels, label_segments, segments)
         labelled = labelled_slices_of(user_labels, segments, metadata.axis)
         if job.config.mode == "box" and not labelled:
             names = ", ".join(s.name for s in segments)
