@@ -28,6 +28,8 @@ from slicer.util import VTKObservationMixin
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 METHODS = [("SALT", "salt"), ("LoRA", "lora"), ("S-SAM", "ssam"), ("Mask decoder only", "decoder"),
            ("Full fine-tuning", "full")]
+# The engine names the axes of the (k, j, i) voxel array; the panel's anatomical plane is mapped to one of them.
+ARRAY_AXIS_NAMES = ("axial", "coronal", "sagittal")
 RANK_PRESETS = [("Default (the paper's rank-4 setting)", None), ("Small (half the spectrum, residual rank 2)", "small"),
                 ("Large (residual rank 32)", "large")]
 MODEL_IDS = ["lite_medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"]
@@ -642,7 +644,7 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
         adapter = os.path.join(folder, "adapter.safetensors")
         settings = TrainSettings(image=image, labels=labels, out=adapter, method=options.get("method") or "salt",
                                  model=options.get("model"), weights=options.get("weights"),
-                                 axis=options.get("axis", "axial"), steps=options.get("steps"),
+                                 axis=ARRAY_AXIS_NAMES[arrayAxis], steps=options.get("steps"),
                                  device=options.get("device", "auto"), rank=options.get("rank"))
         command, environment = self.workerCommand(settings)
 

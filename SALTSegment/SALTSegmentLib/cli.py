@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated segment names or label values (default: all)")
     train.add_argument("--slices", type=_int_list,
                        help="labelled slice numbers; default: every slice where a selected segment has voxels")
-    train.add_argument("--axis", choices=tuple(SLICE_AXES), default="axial")
+    train.add_argument("--axis", choices=tuple(SLICE_AXES), default="axial",
+                       help="slice along the voxel array: axial = the third voxel index (k), coronal = j, "
+                            "sagittal = i (the anatomical planes for a volume acquired axially)")
     train.add_argument("--intensity", default="auto", help="auto, mr, ct, a CT preset (lung, bone, ...) or L,W")
     train.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS)
     train.add_argument("--learning-rate", type=_positive_float, default=None)
