@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import preprocessing as pp
+from .devices import autocast
 from .models import PromptableSegmenter
 
 
@@ -30,8 +31,7 @@ class SlicePredictor:
         return next(self.model.parameters()).device
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                              enabled=self.autocast_dtype is not None)
+        return autocast(self.device, self.autocast_dtype)
 
     @torch.inference_mode()
     def set_slice(self, slice01: np.ndarray, pixel_spacing: tuple[float, float] = (1.0, 1.0)) -> None:
