@@ -144,8 +144,7 @@ def test_replace_keeps_drawn_slices_and_other_segments(scene, axis_name):
 
     predicted = np.zeros(shape, np.uint16)
     predicted[1:6, 2:8, 2:8] = 1    # a prediction that disagrees on the drawn slice 2
-    written = bridge.import_label_map(segmentation, predicted, matrix, SEGMENTS[:1],
-                                      protected_slices=[2], axis=axis)
+    written = bridge.import_label_map(segmentation, predicted, matrix, SEGMENTS[:1], axis=axis)
     assert written == [ids[0]]
     result = bridge.segmentation_to_label_map(segmentation, volume, ids).array
     assert np.array_equal(result[2], drawn[2])                      # drawn slice untouched

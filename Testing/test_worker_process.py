@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from SALTSegmentLib import worker_process as wp
-from SALTSegmentLib.worker_protocol import EXIT_INTERRUPTED
+from SALTSegmentLib.host import worker_process as wp
+from SALTSegmentLib.host.worker_protocol import EXIT_INTERRUPTED
 
 MODULE_DIR = str(Path(wp.__file__).resolve().parents[1])
 
@@ -28,14 +28,16 @@ def test_train_command():
 
 
 def test_train_command_leaves_defaults_to_the_cli():
-    args = wp.TrainSettings(image="i", labels="l", out="o", weights="/w/sam.pth", rank="paper").arguments()
+    args = wp.TrainSettings(image="i", labels="l", out="o", weights="/w/sam.pth", rank="large",
+                            stop_file="/run/stop").arguments()
     assert "--model" not in args and "--steps" not in args and "--slices" not in args
     assert args[args.index("--weights") + 1] == "/w/sam.pth"
-    assert args[args.index("--rank") + 1] == "paper"
+    assert args[args.index("--rank") + 1] == "large"
+    assert args[args.index("--stop-file") + 1] == "/run/stop"
 
 
 @pytest.mark.parametrize("change", [{"method": "dora"}, {"device": "tpu"}, {"axis": "oblique"},
-                                    {"segments": ["a,b"]}])
+                                    {"segments": ["a,b"]}, {"rank": "paper"}])
 def test_train_settings_are_checked(change):
     settings = wp.TrainSettings(image="i", labels="l", out="o", **change)
     with pytest.raises(ValueError):
@@ -46,10 +48,10 @@ def test_propagate_command():
     args = wp.PropagateSettings(image="i.nrrd", adapter="a.safetensors", out="o.seg.nrrd", labels="l.seg.nrrd",
                                 mode="box", first=3, last=17, device="cuda").arguments()
     assert args == ["propagate", "--image", "i.nrrd", "--adapter", "a.safetensors", "--out", "o.seg.nrrd",
-                    "--labels", "l.seg.nrrd", "--mode", "box", "--range", "3:17", "--device", "cuda",
+                    "--labels", "l.seg.nrrd", "--mode", "box", "--range=3:17", "--device", "cuda",
                     "--progress", "json"]
     plain = wp.PropagateSettings(image="i", adapter="a", out="o").arguments()
-    assert "--labels" not in plain and "--range" not in plain
+    assert "--labels" not in plain and not any(a.startswith("--range") for a in plain)
 
 
 @pytest.mark.parametrize("first,last", [(5, None), (9, 3), (-1, 4)])
@@ -61,7 +63,8 @@ def test_propagate_rejects_bad_ranges(first, last):
 def test_evaluate_and_models_commands():
     assert wp.EvaluateSettings(pred="p", ref="r").arguments() == ["evaluate", "--pred", "p", "--ref", "r", "--json"]
     assert wp.ModelsSettings().arguments() == ["models", "--json"]
-    assert wp.ModelsSettings(download="sam_vit_b").arguments() == ["models", "--download", "sam_vit_b"]
+    assert wp.ModelsSettings(download="sam_vit_b").arguments() == ["models", "--download", "sam_vit_b",
+                                                                   "--progress", "json"]
 
 
 def test_environment_puts_the_module_folder_first():
@@ -132,7 +135,7 @@ def _child(code: str) -> list[str]:
 def test_real_child_process_stream():
     command = _child("""
         import sys
-        from SALTSegmentLib.worker_protocol import emit
+        from SALTSegmentLib.host.worker_protocol import emit
         emit("start", command="propagate", total=3, device="cpu")
         print("a plain log line", flush=True)
         for i in range(1, 4):
@@ -155,7 +158,7 @@ def test_sigterm_stops_a_child_that_saves_and_exits_3(tmp_path):
     adapter = tmp_path / "adapter.safetensors"
     command = _child(f"""
         import signal, sys, time
-        from SALTSegmentLib.worker_protocol import emit
+        from SALTSegmentLib.host.worker_protocol import emit
         stop = []
         signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
         emit("start", command="train", total=1000, device="cpu")
@@ -179,17 +182,3 @@ def test_sigterm_stops_a_child_that_saves_and_exits_3(tmp_path):
     assert outcome.message.endswith(str(adapter))
     assert adapter.read_text() == "saved"
     assert 2 <= worker.monitor.step < 1000
-
-
-def test_choices_match_the_engine():
-    """worker_process repeats the CLI's choices so the Slicer process needs no torch; they must not drift."""
-    from SALTSegmentLib import worker_process
-    from SALTSegmentLib.adaptation import METHODS
-    from SALTSegmentLib.devices import DEVICE_CHOICES
-    from SALTSegmentLib.preprocessing import SLICE_AXES
-    from SALTSegmentLib.propagation import MODES
-
-    assert tuple(worker_process.METHODS) == tuple(METHODS)
-    assert tuple(worker_process.DEVICES) == tuple(DEVICE_CHOICES)
-    assert tuple(worker_process.AXES) == tuple(SLICE_AXES)
-    assert set(worker_process.PROPAGATION_MODES) == set(MODES)

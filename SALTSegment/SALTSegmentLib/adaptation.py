@@ -14,9 +14,7 @@ from typing import Any, Optional
 from torch import nn
 
 from .adapters import inject_adapters, make_config
-
-ADAPTER_METHODS = ("salt", "lora", "ssam")
-METHODS = ADAPTER_METHODS + ("decoder", "full")
+from .host.choices import ADAPTER_METHODS, METHODS  # noqa: F401 - listed once, for the CLI and the panel too
 
 
 def apply_method(model: nn.Module, method: str, options: Optional[dict[str, Any]] = None) -> dict[str, Any]:

@@ -7,75 +7,30 @@ the method and its config, input size, intensity mapping, slice axis,
 segments, and a training summary. Loading refuses a file made for other base
 weights or another format version, with a message naming what it needs.
 safetensors holds no code, and the metadata is parsed as JSON, never evaluated.
+The metadata itself (reading and checking it) lives in the torch-free
+:mod:`~SALTSegmentLib.host.adapter_metadata`.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
-import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
-from . import __version__
 from .adaptation import apply_method
 from .adapters import adapter_state_dict, load_adapter_state_dict
 from .atomic_files import atomic_path
+# The metadata is read without torch (Slicer lists the library with it); these names stay importable from here.
+from .host.adapter_metadata import (FORMAT_NAME, FORMAT_VERSION, PROMPT_KEY, AdapterFileError,  # noqa: F401
+                                    AdapterMetadata, load_adapter_metadata, read_adapter_metadata)
 from .models import PromptableSegmenter, load_model
-from .preprocessing import SLICE_AXES, IntensityMapping
 from .prompts import SegmentPrompts
-from .volume_io import Segment
-
-FORMAT_NAME = "saltsegment-adapter"
-FORMAT_VERSION = 1
-PROMPT_KEY = "prompts.tokens"
-_MAX_HEADER_BYTES = 64 << 20
-
-
-class AdapterFileError(ValueError):
-    """An adapter file is unreadable, foreign, of another version, or for another base model."""
-
-    def __init__(self, message: str, hint: Optional[str] = None) -> None:
-        super().__init__(message)
-        if hint is not None:
-            self.hint = hint  # the CLI prints it under the message
-
 
 _NOT_AN_ADAPTER = "pass the .safetensors file written by 'saltsegment train' (train again if it was damaged)"
-
-
-@dataclass
-class AdapterMetadata:
-    """Everything needed to reuse an adapter on a new volume."""
-
-    base_model: str
-    base_weights_sha256: str
-    input_size: int
-    method: str
-    method_config: dict
-    intensity: dict
-    axis: str
-    segments: list[dict]
-    training: dict = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
-    package_version: str = __version__
-    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-
-    @property
-    def segment_list(self) -> list[Segment]:
-        return [Segment(label=int(s["label"]), name=str(s["name"]), color=tuple(s["color"])) for s in self.segments]
-
-    @property
-    def intensity_mapping(self) -> IntensityMapping:
-        return IntensityMapping.from_dict(self.intensity)
-
-    @staticmethod
-    def segments_to_dicts(segments: list[Segment]) -> list[dict]:
-        return [{"label": s.label, "name": s.name, "color": list(s.color)} for s in segments]
 
 
 def save_adapter(path: str | os.PathLike, model: PromptableSegmenter, prompts: SegmentPrompts,
@@ -91,82 +46,6 @@ def save_adapter(path: str | os.PathLike, model: PromptableSegmenter, prompts: S
     with atomic_path(path) as temporary:
         save_file(tensors, str(temporary), metadata=header)
     return path
-
-
-def _read_header(path: Path) -> dict[str, Any]:
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise AdapterFileError(f"{path} is too short to be an adapter file", _NOT_AN_ADAPTER)
-            (length,) = struct.unpack("<Q", prefix)
-            if length > min(size - 8, _MAX_HEADER_BYTES):
-                raise AdapterFileError(f"{path} is not a safetensors file (or it is truncated)", _NOT_AN_ADAPTER)
-            header = json.loads(handle.read(length).decode("utf-8"))
-    except FileNotFoundError:
-        raise AdapterFileError(f"Adapter file not found: {path}", "check the --adapter path") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise AdapterFileError(f"{path} is not a safetensors file (unreadable header)", _NOT_AN_ADAPTER) from None
-    if not isinstance(header, dict):
-        raise AdapterFileError(f"{path} is not a safetensors file", _NOT_AN_ADAPTER)
-    try:  # the tensors must end where the file ends: a cut-off copy is caught here, before any model loads
-        end = max([int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"],
-                  default=0)
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise AdapterFileError(f"{path} is not a safetensors file (malformed header)", _NOT_AN_ADAPTER) from None
-    if 8 + length + end != size:
-        raise AdapterFileError(f"{path} is truncated or corrupt ({size:,} bytes; its header describes "
-                               f"{8 + length + end:,})", _NOT_AN_ADAPTER)
-    return header
-
-
-def read_adapter_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of an adapter file as a plain dict, without torch (for listings in Slicer)."""
-    path = Path(path)
-    metadata = _read_header(path).get("__metadata__") or {}
-    if metadata.get("format") != FORMAT_NAME or "saltsegment" not in metadata:
-        raise AdapterFileError(f"{path} is a safetensors file but not a SALTSegment adapter", _NOT_AN_ADAPTER)
-    try:
-        version = int(metadata.get("format_version", "0"))
-    except ValueError:
-        version = -1
-    if version != FORMAT_VERSION:
-        raise AdapterFileError(
-            f"{path} uses adapter format version {metadata.get('format_version')}; this SALTSegment "
-            f"({__version__}) reads version {FORMAT_VERSION}",
-            "use the SALTSegment version that wrote it, or train the adapter again with this one")
-    try:
-        values = json.loads(metadata["saltsegment"])
-    except json.JSONDecodeError:
-        raise AdapterFileError(f"{path} has corrupt adapter metadata", _NOT_AN_ADAPTER) from None
-    if not isinstance(values, dict):
-        raise AdapterFileError(f"{path} has corrupt adapter metadata", _NOT_AN_ADAPTER)
-    return values
-
-
-def _metadata_from_dict(path: Path, values: dict[str, Any]) -> AdapterMetadata:
-    known = set(AdapterMetadata.__dataclass_fields__)
-    try:
-        return AdapterMetadata(**{k: v for k, v in values.items() if k in known})
-    except TypeError as error:
-        raise AdapterFileError(f"{path} lacks adapter metadata fields: {error}", _NOT_AN_ADAPTER) from None
-
-
-def load_adapter_metadata(path: str | os.PathLike) -> AdapterMetadata:
-    """The checked metadata of an adapter file, without loading any model (cheap: reads the header)."""
-    path = Path(path)
-    metadata = _metadata_from_dict(path, read_adapter_metadata(path))
-    try:
-        metadata.segment_list, metadata.intensity_mapping  # noqa: B018 - parse them now, not mid-run
-        if not metadata.segments:
-            raise ValueError("no segments")
-        if metadata.axis not in SLICE_AXES:
-            raise ValueError(f"unknown axis {metadata.axis!r}")
-        int(metadata.input_size)
-    except (KeyError, TypeError, ValueError) as error:
-        raise AdapterFileError(f"{path} has corrupt adapter metadata ({error})", _NOT_AN_ADAPTER) from None
-    return metadata
 
 
 @dataclass

@@ -8,9 +8,10 @@
     saltsegment bench speed|quality [--out DIR]
 
 Errors print one line (and a hint) and exit 1 (``--debug`` shows the
-traceback); SIGTERM/SIGINT stop training at the next step, save the adapter
-and exit 3 (see :mod:`worker_protocol`); a stop before the first step, or
-during propagation, writes nothing and exits 3. Inputs are checked before a
+traceback); SIGTERM/SIGINT, or the file named by ``--stop-file`` appearing,
+stop training at the next step, save the adapter and exit 3 (see
+:mod:`worker_protocol`); a stop before the first step, or during
+propagation, writes nothing and exits 3. Inputs are checked before a
 model is loaded.
 """
 
@@ -19,36 +20,18 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import re
-import signal
 import sys
 import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .worker_protocol import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
+from .host.stop_request import StopRequest
+from .worker_protocol import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, emit
 
 DEFAULT_STEPS = 40  # measured: 40 and 60 steps give the same Dice on the sample (README "Quality")
-
-
-class StopRequest:
-    """Set by SIGTERM/SIGINT; long jobs poll it between steps and stop cleanly."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def install(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C means "now"
-        self.requested = True
-
-    def __call__(self) -> bool:
-        return self.requested
 
 
 def _int_list(text: str) -> list[int]:
@@ -99,6 +82,7 @@ def _probability(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     from .adaptation import METHODS
     from .devices import DEVICE_CHOICES
+    from .host.choices import PRECISIONS, RANK_PRESETS
     from .preprocessing import SLICE_AXES
     from .propagation import MODES
 
@@ -108,13 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-        sub.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                         help="autocast precision (auto: bf16 on CUDA and on CPUs with native bf16)")
+        sub.add_argument("--precision", choices=PRECISIONS, default="auto",
+                         help="autocast precision (auto: bf16 on CUDA and on CPUs with native bf16, "
+                              "fp16 on Apple MPS)")
         sub.add_argument("--progress", choices=("bar", "json"), default="bar",
                          help="a progress bar, or JSON lines for the Slicer worker")
         sub.add_argument("--weights", help="base model weights file (overrides the registry's file)")
         sub.add_argument("--resample-labels", action="store_true",
                          help="resample a label map on another grid onto the image (nearest neighbour)")
+        sub.add_argument("--stop-file", metavar="PATH",
+                         help="stop cleanly (as on SIGTERM) once this file exists: works on every OS and "
+                              "through launchers that forward no signal")
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     train = commands.add_parser("train", help="fine-tune an adapter on a few labelled slices")
@@ -123,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
     train.add_argument("--method", choices=METHODS, default="salt")
     train.add_argument("--model", default="lite_medsam", help="base model id (see 'saltsegment models')")
-    train.add_argument("--rank", choices=("small", "default", "large"), default="default", help="rank preset")
+    train.add_argument("--rank", choices=RANK_PRESETS, default="default", help="rank preset")
     train.add_argument("--segments", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                        help="comma-separated segment names or label values (default: all)")
     train.add_argument("--slices", type=_int_list,
@@ -168,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--mode", choices=MODES, default="box")
     demo.add_argument("--labelled", type=_positive_int, default=5, help="number of labelled slices")
     demo.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    demo.add_argument("--stop-file", metavar="PATH", help="stop cleanly once this file exists")
     demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     bench = commands.add_parser("bench", help="benchmarks: speed (ratios between methods) or few-shot quality")
@@ -188,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list base models, or download one")
     models.add_argument("--json", action="store_true")
     models.add_argument("--download", metavar="ID", help="download the official weights of ID (asks nothing)")
+    models.add_argument("--progress", choices=("bar", "json"), default="bar",
+                        help="download progress as a bar, or JSON lines for the Slicer worker")
     models.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -212,7 +203,8 @@ def _train(args, reporter, stop: StopRequest) -> int:
     # The progress bar starts once the inputs are checked, so a bad input prints only its error line.
     outcome = run_training(job, on_step=reporter.train_step, should_stop=stop,
                            on_checkpoint=reporter.checkpoint, on_message=reporter.message,
-                           on_ready=lambda: reporter.start("train", args.steps, device=args.device))
+                           on_ready=lambda: reporter.start("train", args.steps, device=args.device,
+                                                           pid=os.getpid()))
     summary = outcome.metadata.training
     if outcome.result.interrupted:
         reporter.message(f"stopped after {outcome.result.steps_done} steps; adapter saved to {outcome.adapter_path}")
@@ -230,7 +222,8 @@ def _propagate(args, reporter, stop: StopRequest) -> int:
     job = PropagateJob(image=args.image, adapter=args.adapter, out=args.out, labels=args.labels,
                        weights=args.weights, resample_labels=args.resample_labels, config=config)
     outcome = run_propagation(job, on_progress=reporter.slices, should_stop=stop,
-                              on_ready=lambda: reporter.start("propagate", 0, device=args.device))
+                              on_ready=lambda: reporter.start("propagate", 0, device=args.device,
+                                                              pid=os.getpid()))
     if outcome.result.interrupted:
         reporter.error("propagation stopped before the end; nothing was written", None)
         return EXIT_INTERRUPTED
@@ -256,6 +249,8 @@ def _evaluate(args) -> int:
 def _models(args) -> int:
     from .models import MODEL_REGISTRY, cached_weights_path, download_weights, weights_available
 
+    if args.download and args.progress == "json":
+        return _download_json(args.download)
     if args.download:
         from tqdm import tqdm
 
@@ -287,6 +282,27 @@ def _models(args) -> int:
     for row in rows:
         print(f"{row['id']:<14}{row['architecture']:<44}{row['input_size']:>6}{row['parameters_millions']:>8.1f}M"
               f"  {'yes' if row['available'] else 'no'}")
+    return EXIT_OK
+
+
+def _download_json(model_id: str) -> int:
+    """``models --download ID --progress json``: the download as protocol events (the Slicer worker)."""
+    import time
+
+    from .models import download_weights
+
+    emit("start", command="download", total=0, pid=os.getpid())
+    last = [0.0, -1]
+
+    def progress(done: int, total: Optional[int]) -> None:
+        percent = int(100 * done / total) if total else -1
+        now = time.monotonic()
+        if done == total or (now - last[0] >= 0.5 and percent != last[1]):
+            last[:] = [now, percent]
+            emit("progress", phase="download", step=done, total=total or 0)
+
+    path = download_weights(model_id, progress=progress)
+    emit("result", outputs={"weights": str(path)}, summary={"model": model_id})
     return EXIT_OK
 
 
@@ -378,7 +394,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     reporter = make_reporter(getattr(args, "progress", "bar"))
-    stop = StopRequest()
+    stop = StopRequest(getattr(args, "stop_file", None))
     stop.install()
     try:
         if args.command == "train":

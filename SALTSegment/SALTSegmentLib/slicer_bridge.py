@@ -13,6 +13,10 @@ Conventions:
   to harden the transform: silently resampling would put the results on a
   grid the user does not see, and hardening changes the user's data, which
   only the user should decide.
+- Results are written on the segmentation's own grid (the one the Segment
+  Editor draws on), so the voxels a user drew are never resampled, and each
+  segment keeps every slice of its current mask that holds drawing (see
+  :mod:`~SALTSegmentLib.host.drawn_slices`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from .host.drawn_slices import (RECORD_TAG, PredictionRecord, drawn_slices, grid_key, merge_slices,
+                                 record_prediction)
 from .volume_io import Segment, VolumeGeometry, read_label_map, write_image, write_label_map
 
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -117,6 +123,14 @@ def slice_axis(axis: str, ijk_to_ras: np.ndarray) -> int:
     return 2 - ijk_index
 
 
+def matching_axis(ijk_to_ras: np.ndarray, axis: int, other_ijk_to_ras: np.ndarray) -> int:
+    """The array axis of the grid ``other_ijk_to_ras`` whose slices are closest to array ``axis`` of the first grid."""
+    normal = np.asarray(ijk_to_ras, dtype=float)[:3, 2 - axis]
+    columns = np.asarray(other_ijk_to_ras, dtype=float)[:3, :3]
+    cosines = np.abs(normal @ columns) / (np.linalg.norm(columns, axis=0) * np.linalg.norm(normal))
+    return 2 - int(np.argmax(cosines))
+
+
 def labelled_slices(label_map: np.ndarray, axis: int) -> list[int]:
     """Indices along array ``axis`` of the slices that hold any label."""
     other = tuple(a for a in range(3) if a != axis)
@@ -193,25 +207,18 @@ def segment_mask(segmentation_node, segment_id: str, shape: Sequence[int], ijk_t
     slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
         segmentation_node, segment_id, source)
     label_value = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
-    mask = np.zeros(tuple(shape), dtype=np.uint8)
     if source.GetPointData().GetScalars() is None or source.IsEmpty():
-        return mask
-    reference = _oriented_image(mask, ijk_to_ras)
+        return np.zeros(tuple(shape), dtype=np.uint8)
+    matrix = vtk.vtkMatrix4x4()
+    source.GetImageToWorldMatrix(matrix)
+    if np.allclose(_matrix_to_numpy(matrix), ijk_to_ras, atol=1e-6):
+        return _array_on_extent(source, shape, label_value)  # same grid: no resampling (the common case)
+    reference = _oriented_image(np.zeros(tuple(shape), np.uint8), ijk_to_ras)
     resampled = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
         source, reference, resampled, False)
-    extent = resampled.GetExtent()
-    if extent[1] < extent[0]:
-        return mask
-    values = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(
-        extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
     # The resampled image covers the reference extent only where the segment has voxels.
-    k0, j0, i0 = max(extent[4], 0), max(extent[2], 0), max(extent[0], 0)
-    k1, j1, i1 = min(extent[5] + 1, shape[0]), min(extent[3] + 1, shape[1]), min(extent[1] + 1, shape[2])
-    if k1 > k0 and j1 > j0 and i1 > i0:
-        mask[k0:k1, j0:j1, i0:i1] = values[k0 - extent[4]:k1 - extent[4], j0 - extent[2]:j1 - extent[2],
-                                           i0 - extent[0]:i1 - extent[0]] == label_value
-    return mask
+    return _array_on_extent(resampled, shape, label_value)
 
 
 @dataclass
@@ -229,12 +236,15 @@ class LabelMapExport:
 
 
 def segmentation_to_label_map(segmentation_node, reference_volume_node,
-                              selected_ids: Iterable[str] | None = None) -> LabelMapExport:
+                              selected_ids: Iterable[str] | None = None,
+                              drawn_only_axis: int | None = None) -> LabelMapExport:
     """Label map (z, y, x, uint16) of the selected segments on the reference volume's grid.
 
     Labels are 1..N in the order of ``selected_ids`` (all segments when None);
     where segments overlap, the later one wins. The segmentation's own
-    geometry may differ from the volume's: each segment is resampled.
+    geometry may differ from the volume's: each segment is resampled. With
+    ``drawn_only_axis``, each segment keeps only its slices along that array
+    axis that hold drawing (an earlier prediction left untouched is not a label).
     """
     check_no_transform(segmentation_node)
     check_no_transform(reference_volume_node)
@@ -248,64 +258,158 @@ def segmentation_to_label_map(segmentation_node, reference_volume_node,
         segment = segmentation.GetSegment(segment_id)
         if segment is None:
             raise BridgeError(f"Segment '{segment_id}' is not in '{segmentation_node.GetName()}'")
-        array[segment_mask(segmentation_node, segment_id, array.shape, ijk_to_ras) != 0] = label
+        if drawn_only_axis is None:
+            mask = segment_mask(segmentation_node, segment_id, array.shape, ijk_to_ras)
+        else:
+            mask, drawn = segment_drawn_slices(segmentation_node, segment_id, array.shape, ijk_to_ras,
+                                               drawn_only_axis)
+            mask = merge_slices(np.zeros_like(mask), mask, drawn, drawn_only_axis)
+        array[mask != 0] = label
         segments.append(Segment(label=label, name=segment.GetName(), color=tuple(segment.GetColor())))
     return LabelMapExport(array, ijk_to_ras, segments, ids)
 
 
-def keep_slices(predicted: np.ndarray, drawn: np.ndarray, slices: Iterable[int], axis: int) -> np.ndarray:
-    """``predicted`` with the given slices along ``axis`` taken from ``drawn`` unchanged."""
-    result = predicted.copy()
-    index = [slice(None)] * 3
-    for i in slices:
-        index[axis] = int(i)
-        result[tuple(index)] = drawn[tuple(index)]
+def segmentation_grid(segmentation_node, reference_volume_node) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Shape (z, y, x) and IJK-to-RAS of the grid the segmentation is edited on.
+
+    That is the segmentation's reference image geometry (set when the Segment
+    Editor first drew into it), else the reference volume's grid.
+    """
+    nx, ny, nz = reference_volume_node.GetImageData().GetDimensions()
+    return _grid_of(segmentation_node.GetSegmentation(), (nz, ny, nx), volume_ijk_to_ras(reference_volume_node))
+
+
+def resample_mask(mask: np.ndarray, ijk_to_ras: np.ndarray, shape: Sequence[int],
+                  target_ijk_to_ras: np.ndarray) -> np.ndarray:
+    """A binary mask on one grid resampled (nearest neighbour) onto another; a copy when the grids match."""
+    if tuple(mask.shape) == tuple(shape) and np.allclose(ijk_to_ras, target_ijk_to_ras, atol=1e-6):
+        return (np.asarray(mask) != 0).astype(np.uint8)
+    source = _oriented_image((np.asarray(mask) != 0).astype(np.uint8), ijk_to_ras)
+    reference = _oriented_image(np.zeros(tuple(shape), np.uint8), target_ijk_to_ras)
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        source, reference, resampled, False)
+    return _array_on_extent(resampled, shape)
+
+
+def _array_on_extent(image, shape: Sequence[int], value: int | None = None) -> np.ndarray:
+    """Where ``image`` is non-zero (or equals ``value``) inside extent 0..shape-1; 0 where it does not reach."""
+    result = np.zeros(tuple(shape), dtype=np.uint8)
+    extent = image.GetExtent()
+    if extent[1] < extent[0] or image.GetPointData().GetScalars() is None:
+        return result
+    values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(
+        extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    k0, j0, i0 = max(extent[4], 0), max(extent[2], 0), max(extent[0], 0)
+    k1, j1, i1 = min(extent[5] + 1, shape[0]), min(extent[3] + 1, shape[1]), min(extent[1] + 1, shape[2])
+    if k1 > k0 and j1 > j0 and i1 > i0:
+        block = values[k0 - extent[4]:k1 - extent[4], j0 - extent[2]:j1 - extent[2], i0 - extent[0]:i1 - extent[0]]
+        result[k0:k1, j0:j1, i0:i1] = block != 0 if value is None else block == value
     return result
 
 
+def prediction_record(segmentation_node, segment_id: str) -> PredictionRecord | None:
+    """What the last import wrote into a segment (None when it never wrote there)."""
+    value = vtk.reference("")
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    if segment is None or not segment.GetTag(RECORD_TAG, value):
+        return None
+    return PredictionRecord.from_json(str(value))
+
+
+def segment_drawn_slices(segmentation_node, segment_id: str, shape: Sequence[int], ijk_to_ras: np.ndarray,
+                         axis: int) -> tuple[np.ndarray, list[int]]:
+    """A segment's current mask on a grid, and the slices along ``axis`` that hold drawing."""
+    mask = segment_mask(segmentation_node, segment_id, shape, ijk_to_ras)
+    return mask, drawn_slices(mask, axis, prediction_record(segmentation_node, segment_id), grid_key(shape, ijk_to_ras))
+
+
 def import_label_map(segmentation_node, label_map: np.ndarray, ijk_to_ras: np.ndarray,
-                     segments: Sequence[Segment], *, replace: bool = True,
-                     protected_slices: Iterable[int] = (), axis: int = 0) -> list[str]:
+                     segments: Sequence[Segment], *, replace: bool = True, axis: int = 0,
+                     slice_range: tuple[int, int] | None = None, mark_predicted: bool = False) -> list[str]:
     """Write label map values into segments; return the segment IDs written, in ``segments`` order.
 
     With ``replace``, a segment whose name already exists is replaced, except
-    on ``protected_slices`` (along array ``axis``) where its current voxels are
-    kept exactly as drawn; otherwise a new segment is added. Other segments
-    are never modified (overlaps go to a separate labelmap layer). All
-    changes happen inside one StartModify/EndModify block so views update once.
+    on every slice (along array ``axis`` of ``label_map``) that holds drawing
+    in its current mask, and outside ``slice_range`` (inclusive): there it
+    keeps its voxels exactly. Otherwise a new segment is added. The writing
+    happens on the segmentation's own grid, so kept voxels are never
+    resampled. Other segments are never modified (overlaps go to a separate
+    labelmap layer). All changes happen inside one StartModify/EndModify
+    block so views update once. ``mark_predicted`` records the slices written
+    as predictions (a later import may replace them while they stay untouched).
     """
     check_no_transform(segmentation_node)
     ensure_converter_rules()  # without them a segmentation cannot even create an empty segment
     label_map = np.asarray(label_map)
-    protected_slices = list(protected_slices)
     segmentation = segmentation_node.GetSegmentation()
     logic = slicer.vtkSlicerSegmentationsModuleLogic
-    if segmentation.GetNumberOfSegments() == 0:
-        # An empty segmentation takes the grid of what is imported, so that
+    converter = slicer.vtkSegmentationConverter
+    if not segmentation.GetConversionParameter(converter.GetReferenceImageGeometryParameterName()) \
+            or segmentation.GetNumberOfSegments() == 0:
+        # A segmentation without a grid takes the grid of what is imported, so that
         # later edits in the Segment Editor happen at the volume's resolution.
-        converter = slicer.vtkSegmentationConverter
         segmentation.SetConversionParameter(
             converter.GetReferenceImageGeometryParameterName(),
             converter.SerializeImageGeometry(_oriented_image(np.zeros(label_map.shape, np.uint8), ijk_to_ras)))
+    shape, grid_matrix = _grid_of(segmentation, label_map.shape, ijk_to_ras)
+    grid_axis = matching_axis(ijk_to_ras, axis, grid_matrix)
+    key = grid_key(shape, grid_matrix)
+    outside = None
+    if slice_range is not None:
+        inside = np.zeros(label_map.shape, np.uint8)
+        index = [slice(None)] * 3
+        index[axis] = slice(int(slice_range[0]), int(slice_range[1]) + 1)
+        inside[tuple(index)] = 1
+        outside = resample_mask(1 - inside, ijk_to_ras, shape, grid_matrix) != 0
     written = []
     modifying = segmentation_node.StartModify()
     try:
         for segment in segments:
-            mask = (label_map == segment.label).astype(np.uint8)
+            mask = resample_mask(label_map == segment.label, ijk_to_ras, shape, grid_matrix)
             segment_id = find_segment_id(segmentation_node, segment.name) if replace else None
+            predicted_slices = range(shape[grid_axis])
             if segment_id is None:
                 segment_id = segmentation.AddEmptySegment("", segment.name, list(segment.color))
-            elif protected_slices:
-                drawn = segment_mask(segmentation_node, segment_id, label_map.shape, ijk_to_ras)
-                mask = keep_slices(mask, drawn, protected_slices, axis)
-            image = _oriented_image(mask, ijk_to_ras)
+            else:
+                current, drawn = segment_drawn_slices(segmentation_node, segment_id, shape, grid_matrix, grid_axis)
+                keep = np.zeros(shape, dtype=bool)
+                index = [slice(None)] * 3
+                for i in drawn:
+                    index[grid_axis] = i
+                    keep[tuple(index)] = True
+                if outside is not None:
+                    keep |= outside
+                mask = np.where(keep, current, mask).astype(np.uint8)
+                other = tuple(a for a in range(3) if a != grid_axis)
+                predicted_slices = np.flatnonzero(~np.any(keep, axis=other))
+            image = _oriented_image(mask, grid_matrix)
             if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id,
                                                     logic.MODE_REPLACE, image.GetExtent()):
                 raise BridgeError(f"Could not write segment '{segment.name}'")
+            if mark_predicted:
+                record = record_prediction(mask, grid_axis, predicted_slices, key)
+                segmentation.GetSegment(segment_id).SetTag(RECORD_TAG, record.to_json())
             written.append(segment_id)
     finally:
         segmentation_node.EndModify(modifying)
     return written
+
+
+def _grid_of(segmentation, fallback_shape, fallback_ijk_to_ras) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The segmentation's reference image geometry as (shape, IJK-to-RAS of voxel 0), else the fallback."""
+    converter = slicer.vtkSegmentationConverter
+    text = segmentation.GetConversionParameter(converter.GetReferenceImageGeometryParameterName())
+    geometry = slicer.vtkOrientedImageData()
+    if text and converter.DeserializeImageGeometry(text, geometry) and not geometry.IsEmpty():
+        extent = geometry.GetExtent()
+        matrix = vtk.vtkMatrix4x4()
+        geometry.GetImageToWorldMatrix(matrix)
+        shift = np.eye(4)
+        shift[:3, 3] = (extent[0], extent[2], extent[4])
+        return ((extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1),
+                _matrix_to_numpy(matrix) @ shift)
+    return tuple(int(v) for v in fallback_shape), np.asarray(fallback_ijk_to_ras, dtype=float)
 
 
 # --- files for the worker ---------------------------------------------------------------
@@ -319,17 +423,17 @@ def export_volume_file(volume_node, path: str | os.PathLike) -> VolumeGeometry:
 
 
 def export_label_map_file(segmentation_node, reference_volume_node, selected_ids: Iterable[str] | None,
-                          path: str | os.PathLike) -> LabelMapExport:
+                          path: str | os.PathLike, drawn_only_axis: int | None = None) -> LabelMapExport:
     """Write the selected segments as a ``.seg.nrrd`` (names, colours) on the volume's grid."""
-    exported = segmentation_to_label_map(segmentation_node, reference_volume_node, selected_ids)
+    exported = segmentation_to_label_map(segmentation_node, reference_volume_node, selected_ids, drawn_only_axis)
     write_label_map(path, exported.array, exported.geometry, exported.segments)
     return exported
 
 
 def import_label_map_file(path: str | os.PathLike, segmentation_node, reference_volume_node, *,
-                          replace: bool = True, protected_slices: Iterable[int] = (),
-                          axis: int = 0) -> list[str]:
-    """Read a label map written by the CLI and put it into the segmentation (see :func:`import_label_map`).
+                          replace: bool = True, axis: int = 0,
+                          slice_range: tuple[int, int] | None = None) -> list[str]:
+    """Read a label map the CLI predicted and put it into the segmentation (see :func:`import_label_map`).
 
     The file must lie on the reference volume's grid (the CLI writes its
     output on the input image's grid).
@@ -341,4 +445,65 @@ def import_label_map_file(path: str | os.PathLike, segmentation_node, reference_
         raise BridgeError(f"{os.path.basename(str(path))} is not on the grid of "
                           f"'{reference_volume_node.GetName()}': " + "; ".join(differences))
     return import_label_map(segmentation_node, array, volume_ijk_to_ras(reference_volume_node), segments,
-                            replace=replace, protected_slices=protected_slices, axis=axis)
+                            replace=replace, axis=axis, slice_range=slice_range, mark_predicted=True)
+
+
+def drawn_slice_indices(segmentation_node, reference_volume_node, selected_ids: Iterable[str], axis: int
+                        ) -> list[int]:
+    """Slices (along array ``axis`` of the volume) on which any selected segment holds drawing."""
+    nx, ny, nz = reference_volume_node.GetImageData().GetDimensions()
+    ijk_to_ras = volume_ijk_to_ras(reference_volume_node)
+    found: set[int] = set()
+    for segment_id in selected_ids:
+        if segmentation_node.GetSegmentation().GetSegment(segment_id) is not None:
+            found.update(segment_drawn_slices(segmentation_node, segment_id, (nz, ny, nx), ijk_to_ras, axis)[1])
+    return sorted(found)
+
+
+# --- undo and the panel's parameters -----------------------------------------------------
+
+class UndoPoint:
+    """The state of a whole segmentation before an import, restorable in one step.
+
+    Independent of the Segment Editor (whose Undo covers only the
+    segmentation it shows): restoring brings back every segment as it was,
+    removes the segments the import added, and drops edits made since.
+    """
+
+    def __init__(self, segmentation_node) -> None:
+        self.segmentation_node = segmentation_node
+        self._history = slicer.vtkSegmentationHistory()
+        self._history.SetMaximumNumberOfStates(2)  # restoring first saves the current state (for a redo)
+        self._history.SetSegmentation(segmentation_node.GetSegmentation())
+        if not self._history.SaveState():
+            raise BridgeError(f"Could not save the state of '{segmentation_node.GetName()}' for undo")
+
+    def restore(self) -> bool:
+        """Put the segmentation back as it was; False when that is no longer possible."""
+        if not self._history.IsRestorePreviousStateAvailable():
+            return False
+        modifying = self.segmentation_node.StartModify()
+        try:
+            restored = self._history.RestorePreviousState()
+        finally:
+            self.segmentation_node.EndModify(modifying)
+        self._history.RemoveAllStates()
+        return bool(restored)
+
+
+def write_parameters(parameter_node, values: dict[str, str], references: dict[str, object] | None = None) -> None:
+    """Store text parameters (and node references, role -> node or None) in a scripted module node."""
+    modifying = parameter_node.StartModify()
+    try:
+        for name, value in values.items():
+            parameter_node.SetParameter(name, str(value))
+        for role, node in (references or {}).items():
+            parameter_node.SetNodeReferenceID(role, node.GetID() if node is not None else None)
+    finally:
+        parameter_node.EndModify(modifying)
+
+
+def read_parameters(parameter_node, roles: Iterable[str] = ()) -> tuple[dict[str, str], dict[str, object]]:
+    """The text parameters and the referenced nodes (role -> node or None) of a scripted module node."""
+    values = {name: parameter_node.GetParameter(name) for name in parameter_node.GetParameterNames()}
+    return values, {role: parameter_node.GetNodeReference(role) for role in roles}

