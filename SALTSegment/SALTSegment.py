@@ -2,17 +2,16 @@
 
 The widget moves values between the panel and the logic; the logic moves
 data between MRML nodes and files and drives the ``saltsegment`` CLI in a
-child process (all torch work happens there, never in Slicer's process).
+child process. Slicer's process imports only ``SALTSegmentLib.host`` (no
+torch) and ``SALTSegmentLib.slicer_bridge``; all torch work, the model list,
+downloads and evaluations run in the worker, so the GUI never waits on them.
 """
 
-import importlib.util
-import json
+import contextlib
 import logging
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 
 import ctk
 import qt
@@ -25,16 +24,18 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from SALTSegmentLib.host import choices, dependencies, run_folders
+from SALTSegmentLib.host.adapter_metadata import AdapterFileError, load_adapter_metadata
+from SALTSegmentLib.host.panel_state import NODE_ROLES, PanelState
+from SALTSegmentLib.host.process_tree import kill_tree, pid_alive
+from SALTSegmentLib.host.worker_process import (CancelPlan, EvaluateSettings, ModelsSettings, PropagateSettings,
+                                                TrainSettings, WorkerMonitor, WorkerOutcome, last_line,
+                                                worker_command, worker_environment)
+
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
-METHODS = [("SALT", "salt"), ("LoRA", "lora"), ("S-SAM", "ssam"), ("Mask decoder only", "decoder"),
-           ("Full fine-tuning", "full")]
-# The engine names the axes of the (k, j, i) voxel array; the panel's anatomical plane is mapped to one of them.
-ARRAY_AXIS_NAMES = ("axial", "coronal", "sagittal")
-RANK_PRESETS = [("Default (the paper's rank-4 setting)", None), ("Small (half the spectrum, residual rank 2)", "small"),
-                ("Large (residual rank 32)", "large")]
-MODEL_IDS = ["lite_medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"]
-# Slicer ships these; pip must never replace them (see installDependencies).
-SLICER_OWNED_PACKAGES = ("numpy", "SimpleITK")
+UNDO_HELP = ("Undo propagation reverts the last Propagate in one step, whichever segmentation it wrote to: the "
+             "segmentation comes back exactly as it was just before the import (edits made since are lost; "
+             "you are asked first).")
 
 
 class SALTSegment(ScriptedLoadableModule):
@@ -44,7 +45,7 @@ class SALTSegment(ScriptedLoadableModule):
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = ["Segmentations"]
         self.parent.contributors = ["SALTSegment developers"]
-        self.parent.helpText = """
+        self.parent.helpText = f"""
 Segment a whole volume from a few labelled slices. <b>SALT</b> (Singular value Adaptation with
 Low-rank Transformation) fine-tunes a small adapter on a frozen Segment Anything model: the top
 singular values of each weight get a trainable scale and shift, the rest of the spectrum a
@@ -52,10 +53,12 @@ low-rank update. Only a few MB are trained, so a few slices are enough.
 <ol>
 <li>Select the volume and a segmentation; label a few slices of each structure with the Segment Editor.</li>
 <li>Check the segments to learn, choose the base model, method and device.</li>
-<li><b>Fine-tune</b> (runs in the background; <b>Cancel</b> keeps the last adapter).</li>
-<li><b>Propagate</b> to all slices or a range; your drawn slices are kept as drawn.</li>
+<li><b>Fine-tune</b> (runs in the background; <b>Cancel</b> stops after the current step and keeps the adapter).</li>
+<li><b>Propagate</b> along the adapter's slice axis to all slices or a range; every slice you drew is kept
+as drawn. {UNDO_HELP}</li>
 <li>Save the adapter in the library to reuse it on new volumes of the same kind.</li>
 </ol>
+Needs 3D Slicer {dependencies.MINIMUM_SLICER[0]}.{dependencies.MINIMUM_SLICER[1]} or later and the PyTorch extension.
 Paper: Elsayed et al., <i>SALT: Singular Value Adaptation with Low-Rank Transformation</i>, 2025,
 <a href="https://arxiv.org/abs/2503.16055">arXiv:2503.16055</a>.
 """
@@ -75,9 +78,15 @@ class SALTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
-        self.worker = None
+        self.worker = None          # the job the user started (train, propagate, download, evaluate)
+        self.modelList = None       # the background model list
         self.lossPlot = None
-        self._observedSegmentation = None
+        self._segmentation = None   # the vtkSegmentation whose events are observed
+        self._edits = 0             # how many edits it had (a cheap count of its modified events)
+        self._editsAtImport = None
+        self._updatingGUI = False
+        self._countTimer = None
+        self._idleText = {}
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -87,60 +96,182 @@ class SALTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SALTSegmentLogic()
 
-        for text, value in METHODS:
+        for value, text in choices.METHOD_LABELS:
             self.ui.methodComboBox.addItem(text, value)
-        for text, value in RANK_PRESETS:
+        for value, text in choices.RANK_PRESET_LABELS:
             self.ui.rankComboBox.addItem(text, value)
-        for modelId in MODEL_IDS:
-            self.ui.modelComboBox.addItem(modelId)
+        for modelId in choices.MODEL_IDS:
+            self.ui.modelComboBox.addItem(modelId, modelId)
+        for value, text in choices.DEVICE_LABELS:
+            self.ui.deviceComboBox.addItem(text, value)
+        for mode in sorted(choices.PROPAGATION_MODES, key=lambda m: m != "box"):
+            self.ui.propagationModeComboBox.addItem(mode, mode)
+        self.ui.resultModeComboBox.addItem("replace unlabelled slices of the segments", "replace")
+        self.ui.resultModeComboBox.addItem("add as new segments", "add")
         self.ui.weightsPathLineEdit.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Readable
         self.ui.weightsPathLineEdit.nameFilters = ["PyTorch checkpoint (*.pth *.pt)"]
-        self.ui.adapterTableWidget.setHorizontalHeaderLabels(["Name", "Base model", "Method", "Segments", "Created"])
+        self.ui.adapterTableWidget.setHorizontalHeaderLabels(["Name", "Base model", "Method", "Segments", "Axis",
+                                                              "Created"])
         self.ui.adapterFolderLabel.text = self.logic.adapterFolder()
+        self.ui.undoInfoLabel.text = UNDO_HELP
         self.lossPlot = LossPlot(self.ui.lossPlotFrame)
+        self._countTimer = qt.QTimer()
+        self._countTimer.setSingleShot(True)
+        self._countTimer.setInterval(300)  # painting fires many events: count the slices once it pauses
+        self._countTimer.timeout.connect(self.updateLabelledSlices)
 
-        self.ui.inputVolumeSelector.currentNodeChanged.connect(self.updateInputs)
-        self.ui.segmentationSelector.currentNodeChanged.connect(self.onSegmentationChanged)
-        self.ui.segmentsListWidget.itemChanged.connect(self.updateInputs)
-        self.ui.axisComboBox.currentIndexChanged.connect(self.updateInputs)
-        self.ui.modelComboBox.currentIndexChanged.connect(self.updateModelInfo)
+        for selector in (self.ui.inputVolumeSelector, self.ui.segmentationSelector,
+                         self.ui.referenceSegmentationSelector):
+            selector.currentNodeChanged.connect(self.onNodeSelected)
+        for comboBox in (self.ui.methodComboBox, self.ui.rankComboBox, self.ui.deviceComboBox,
+                         self.ui.propagationModeComboBox, self.ui.resultModeComboBox, self.ui.axisComboBox):
+            comboBox.currentIndexChanged.connect(self.onPanelChanged)
+        self.ui.modelComboBox.currentIndexChanged.connect(self.onModelChanged)
+        self.ui.stepsSpinBox.valueChanged.connect(self.onPanelChanged)
+        self.ui.firstSliceSpinBox.valueChanged.connect(self.onPanelChanged)
+        self.ui.lastSliceSpinBox.valueChanged.connect(self.onPanelChanged)
+        self.ui.weightsPathLineEdit.currentPathChanged.connect(self.onPanelChanged)
+        self.ui.wholeVolumeCheckBox.toggled.connect(self.onPanelChanged)
+        self.ui.segmentsListWidget.itemChanged.connect(self.onCheckedSegmentsChanged)
         self.ui.downloadModelButton.clicked.connect(self.onDownloadModel)
         self.ui.fineTuneButton.clicked.connect(self.onFineTune)
-        self.ui.wholeVolumeCheckBox.toggled.connect(self.onWholeVolumeToggled)
         self.ui.propagateButton.clicked.connect(self.onPropagate)
+        self.ui.undoPropagationButton.clicked.connect(self.onUndoPropagation)
         self.ui.useAdapterButton.clicked.connect(self.onUseAdapter)
         self.ui.saveAdapterButton.clicked.connect(self.onSaveAdapter)
         self.ui.loadAdapterButton.clicked.connect(self.onImportAdapter)
         self.ui.deleteAdapterButton.clicked.connect(self.onDeleteAdapter)
         self.ui.refreshAdaptersButton.clicked.connect(self.refreshAdapterTable)
-        self.ui.referenceSegmentationSelector.currentNodeChanged.connect(self.updateInputs)
         self.ui.evaluateButton.clicked.connect(self.onEvaluate)
 
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
+
+        self.initializeParameterNode()
         self.refreshAdapterTable()
-        self.ui.modelInfoLabel.text = "lite_medsam ships with the package; other models download on request"
-        self.onSegmentationChanged(self.ui.segmentationSelector.currentNode())
+
+    def enter(self):
+        self.initializeParameterNode()
+        self.updateModelInfo()
 
     def cleanup(self):
+        """The module is closing (application exit, reload): end every worker and its whole process tree."""
         self.removeObservers()
-        if self.worker is not None:
-            self.worker.cancel()
+        if self._countTimer is not None:
+            self._countTimer.stop()
+        for worker in (self.worker, self.modelList):
+            if worker is not None:
+                worker.shutdown(5000)
+        self.worker = self.modelList = None
+        if self.logic is not None:
+            self.logic.cleanup()
+
+    # --- the parameter node: the panel's choices saved with the scene ---
+
+    def initializeParameterNode(self):
+        values, nodes = self.logic.readPanelState()
+        state = PanelState.from_parameters(values)
+        if nodes["InputVolume"] is None:
+            nodes["InputVolume"] = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        self._updatingGUI = True
+        try:
+            self.ui.inputVolumeSelector.setCurrentNode(nodes["InputVolume"])
+            self.ui.segmentationSelector.setCurrentNode(nodes["Segmentation"])
+            self.ui.referenceSegmentationSelector.setCurrentNode(nodes["ReferenceSegmentation"])
+            for comboBox, value in ((self.ui.methodComboBox, state.method), (self.ui.rankComboBox, state.rank),
+                                    (self.ui.modelComboBox, state.model), (self.ui.deviceComboBox, state.device),
+                                    (self.ui.propagationModeComboBox, state.mode),
+                                    (self.ui.resultModeComboBox, state.result)):
+                comboBox.setCurrentIndex(max(comboBox.findData(value), 0))
+            self.ui.axisComboBox.setCurrentIndex(max(self.ui.axisComboBox.findText(state.axis), 0))
+            self.ui.weightsPathLineEdit.currentPath = state.weights
+            self.ui.stepsSpinBox.value = state.steps
+            self.ui.wholeVolumeCheckBox.checked = state.whole_volume
+            self.ui.firstSliceSpinBox.value = state.first
+            self.ui.lastSliceSpinBox.value = state.last
+        finally:
+            self._updatingGUI = False
+        if state.adapter and os.path.isfile(state.adapter):
+            self.logic.currentAdapter = state.adapter
+        self.observeSegmentation(self.ui.segmentationSelector.currentNode())
+        self.updateModelInfo()
+
+    def panelState(self):
+        return PanelState(
+            method=self.ui.methodComboBox.currentData, rank=self.ui.rankComboBox.currentData,
+            model=self.ui.modelComboBox.currentData, weights=self.ui.weightsPathLineEdit.currentPath,
+            axis=self.ui.axisComboBox.currentText, steps=self.ui.stepsSpinBox.value,
+            device=self.ui.deviceComboBox.currentData, mode=self.ui.propagationModeComboBox.currentData,
+            whole_volume=self.ui.wholeVolumeCheckBox.checked, first=self.ui.firstSliceSpinBox.value,
+            last=self.ui.lastSliceSpinBox.value, result=self.ui.resultModeComboBox.currentData,
+            adapter=self.logic.currentAdapter or "")
+
+    def onPanelChanged(self, *unused):
+        if self._updatingGUI:
+            return
+        self.logic.writePanelState(self.panelState(), {
+            "InputVolume": self.ui.inputVolumeSelector.currentNode(),
+            "Segmentation": self.ui.segmentationSelector.currentNode(),
+            "ReferenceSegmentation": self.ui.referenceSegmentationSelector.currentNode()})
+        self.updateInputs()
+
+    def onNodeSelected(self, *unused):
+        self.observeSegmentation(self.ui.segmentationSelector.currentNode())
+        self.onPanelChanged()
+
+    # --- scene ---
+
+    def onSceneStartClose(self, caller, event):
+        # Results of a running propagation or evaluation would go to nodes that are about to disappear.
+        if self.worker is not None and self.worker.kind in ("propagate", "evaluate"):
+            self.worker.kill()
+        self.observeSegmentation(None)
+        self.logic.onSceneClose()
+        self._editsAtImport = None
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+        self.updateInputs()
+
+    def onSceneEndImport(self, caller, event):
+        self.initializeParameterNode()  # a loaded scene brings its saved choices
 
     # --- inputs ---
 
-    def onSegmentationChanged(self, segmentationNode):
-        if self._observedSegmentation is not None:
-            self.removeObserver(self._observedSegmentation, slicer.vtkSegmentation.SegmentAdded, self.onSegmentsModified)
-            self.removeObserver(self._observedSegmentation, slicer.vtkSegmentation.SegmentRemoved, self.onSegmentsModified)
-            self._observedSegmentation = None
-        if segmentationNode is not None:
-            self._observedSegmentation = segmentationNode.GetSegmentation()
-            self.addObserver(self._observedSegmentation, slicer.vtkSegmentation.SegmentAdded, self.onSegmentsModified)
-            self.addObserver(self._observedSegmentation, slicer.vtkSegmentation.SegmentRemoved, self.onSegmentsModified)
+    def segmentationObservations(self):
+        events = slicer.vtkSegmentation
+        return [(events.SegmentAdded, self.onSegmentListEvent), (events.SegmentRemoved, self.onSegmentListEvent),
+                (events.SegmentModified, self.onSegmentListEvent),  # renamed, recoloured
+                (events.SegmentsOrderModified, self.onSegmentListEvent),
+                (events.SourceRepresentationModified, self.onSegmentEdited)]  # painted, erased, imported
+
+    def observeSegmentation(self, segmentationNode):
+        segmentation = segmentationNode.GetSegmentation() if segmentationNode is not None else None
+        if segmentation is not self._segmentation:
+            for event, method in self.segmentationObservations():
+                if self._segmentation is not None:
+                    self.removeObserver(self._segmentation, event, method)
+                if segmentation is not None:
+                    self.addObserver(segmentation, event, method)
+            self._segmentation = segmentation
+            self._edits, self._editsAtImport = 0, None
         self.onSegmentsModified()
 
+    def onSegmentListEvent(self, caller, event):
+        self._edits += 1
+        self.onSegmentsModified()
+
+    def onSegmentEdited(self, caller, event):
+        self._edits += 1
+        self._countTimer.start()  # counted once the painting pauses
+
     def onSegmentsModified(self, *unused):
-        checked = set(self.checkedSegmentIds())
+        """Rebuild the segment list (names may have changed), keeping what was checked."""
         listWidget = self.ui.segmentsListWidget
+        checked = set(self.checkedSegmentIds())
+        known = {listWidget.item(i).data(qt.Qt.UserRole) for i in range(listWidget.count)}
         wasBlocked = listWidget.blockSignals(True)
         listWidget.clear()
         segmentationNode = self.ui.segmentationSelector.currentNode()
@@ -151,9 +282,15 @@ class SALTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 item = qt.QListWidgetItem(segmentation.GetSegment(segmentId).GetName())
                 item.setData(qt.Qt.UserRole, segmentId)
                 item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
-                item.setCheckState(qt.Qt.Checked if (segmentId in checked or not checked) else qt.Qt.Unchecked)
+                isChecked = segmentId in checked or segmentId not in known  # new segments start checked
+                item.setCheckState(qt.Qt.Checked if isChecked else qt.Qt.Unchecked)
                 listWidget.addItem(item)
         listWidget.blockSignals(wasBlocked)
+        self._countTimer.start()
+        self.updateInputs()
+
+    def onCheckedSegmentsChanged(self, *unused):
+        self._countTimer.start()
         self.updateInputs()
 
     def checkedSegmentIds(self):
@@ -161,62 +298,148 @@ class SALTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return [listWidget.item(i).data(qt.Qt.UserRole) for i in range(listWidget.count)
                 if listWidget.item(i).checkState() == qt.Qt.Checked]
 
+    def updateLabelledSlices(self):
+        """The drawn slices of the checked segments along the panel's plane (the count the panel shows)."""
+        volumeNode = self.ui.inputVolumeSelector.currentNode()
+        segmentationNode = self.ui.segmentationSelector.currentNode()
+        text = "-"
+        if volumeNode is not None and segmentationNode is not None and self.checkedSegmentIds():
+            try:
+                slices, count = self.logic.labelledSlices(volumeNode, segmentationNode, self.checkedSegmentIds(),
+                                                          self.ui.axisComboBox.currentText)
+                shown = ", ".join(str(i) for i in slices[:12]) + (", ..." if len(slices) > 12 else "")
+                text = f"{len(slices)} of {count}" + (f" ({shown})" if slices else "")
+            except ValueError as error:
+                text = str(error)
+        self.ui.labelledSlicesLabel.text = text
+
     def updateInputs(self, *unused):
         volumeNode = self.ui.inputVolumeSelector.currentNode()
         segmentationNode = self.ui.segmentationSelector.currentNode()
-        segmentIds = self.checkedSegmentIds()
-        ready = volumeNode is not None and segmentationNode is not None and bool(segmentIds)
-        text = "-"
-        if ready:
-            try:
-                slices, count = self.logic.labelledSlices(volumeNode, segmentationNode, segmentIds,
-                                                          self.ui.axisComboBox.currentText)
-                text = f"{len(slices)} of {count}" + (f" ({', '.join(str(i) for i in slices[:12])}"
-                                                      f"{', ...' if len(slices) > 12 else ''})" if slices else "")
-                self.ui.firstSliceSpinBox.maximum = self.ui.lastSliceSpinBox.maximum = max(count - 1, 0)
-                if not self.ui.lastSliceSpinBox.value:
-                    self.ui.lastSliceSpinBox.value = count - 1
-            except ValueError as error:
-                text = str(error)
-                ready = False
-        self.ui.labelledSlicesLabel.text = text
-        running = self.worker is not None
-        self.ui.fineTuneButton.enabled = running and self.worker.kind == "train" or (ready and not running)
-        self.ui.propagateButton.enabled = (volumeNode is not None and segmentationNode is not None
-                                           and self.logic.currentAdapter is not None and not running)
-        self.ui.evaluateButton.enabled = (segmentationNode is not None and volumeNode is not None
-                                          and self.ui.referenceSegmentationSelector.currentNode() is not None)
-        self.ui.currentAdapterLabel.text = self.logic.currentAdapter or "none: fine-tune or pick one in the library"
-
-    def onWholeVolumeToggled(self, whole):
-        self.ui.firstSliceSpinBox.enabled = not whole
-        self.ui.lastSliceSpinBox.enabled = not whole
+        kind = self.worker.kind if self.worker is not None else None
+        haveInputs = volumeNode is not None and segmentationNode is not None
+        self.ui.fineTuneButton.enabled = kind == "train" or (kind is None and haveInputs
+                                                             and bool(self.checkedSegmentIds()))
+        adapter, problem = self.logic.adapterSummary(volumeNode)
+        self.ui.currentAdapterLabel.text = adapter
+        self.ui.adapterAxisLabel.text = problem or self.logic.propagationAxisText(
+            volumeNode, self.ui.axisComboBox.currentText)
+        self.ui.propagateButton.enabled = kind == "propagate" or (kind is None and haveInputs and not problem
+                                                                  and self.logic.currentAdapter is not None)
+        self.ui.undoPropagationButton.enabled = kind is None and self.logic.undoPoint is not None
+        self.ui.evaluateButton.enabled = kind == "evaluate" or (
+            kind is None and haveInputs and self.ui.referenceSegmentationSelector.currentNode() is not None)
+        self.ui.downloadModelButton.enabled = kind == "download" or (
+            kind is None and self.logic.modelStatus(self.ui.modelComboBox.currentData)["downloadable"])
+        whole = self.ui.wholeVolumeCheckBox.checked
+        self.ui.firstSliceSpinBox.enabled = self.ui.lastSliceSpinBox.enabled = not whole
+        count = self.logic.propagationSliceCount(volumeNode)
+        if count:
+            self.ui.firstSliceSpinBox.maximum = self.ui.lastSliceSpinBox.maximum = count - 1
 
     # --- base model ---
 
+    def onModelChanged(self, *unused):
+        self.onPanelChanged()
+        self.updateModelInfo()
+
     def updateModelInfo(self, *unused):
-        modelId = self.ui.modelComboBox.currentText
-        info = self.logic.modelInfo(modelId)
-        self.ui.modelInfoLabel.text = info.get("status_text", "")
-        self.ui.downloadModelButton.enabled = bool(info.get("downloadable")) and not info.get("available")
+        status = self.logic.modelStatus(self.ui.modelComboBox.currentData)
+        self.ui.modelInfoLabel.text = status["text"]
+        if status["listable"] and self.modelList is None:
+            self.modelList = self.logic.startModelList(onFinished=self.onModelListFinished)
+            self.modelList.start()
+        self.updateInputs()
+
+    def onModelListFinished(self, outcome):
+        self.modelList = None
+        if outcome.status != "ok":
+            logging.warning(f"SALTSegment: could not list the models: {outcome.message}")
+        self.ui.modelInfoLabel.text = self.logic.modelStatus(self.ui.modelComboBox.currentData)["text"]
+        self.updateInputs()
 
     def onDownloadModel(self):
-        modelId = self.ui.modelComboBox.currentText
-        info = self.logic.modelInfo(modelId)
-        size = info.get("size_bytes")
-        sizeText = f"{size / 1e6:.0f} MB" if size else "an unknown size"
-        if not slicer.util.confirmOkCancelDisplay(f"Download the weights of {modelId} ({sizeText})?\n"
-                                                  "They are kept in your user cache and checked against their checksum."):
+        if self.cancelIfRunning("download"):
             return
-        with slicer.util.tryWithErrorDisplay(f"Downloading {modelId} failed.", waitCursor=True):
+        modelId = self.ui.modelComboBox.currentData
+        size = self.logic.modelStatus(modelId).get("size_bytes")
+        sizeText = f"about {size / 1e6:.0f} MB" if size else "its size is shown once the model list is read"
+        if not slicer.util.confirmOkCancelDisplay(f"Download the weights of {modelId} ({sizeText})?\n"
+                                                  "They are kept in your user cache and checked against their "
+                                                  "checksum. You can cancel the download."):
+            return
+        with slicer.util.tryWithErrorDisplay(f"Could not start downloading {modelId}.", waitCursor=True):
             if not self.ensureDependencies():
                 return
-            self.logic.downloadModel(modelId)
+            self.startJob(self.logic.startDownload(modelId, onProgress=self.onWorkerProgress,
+                                                   onFinished=self.onDownloadFinished))
+
+    def onDownloadFinished(self, outcome):
+        self.jobFinished(outcome, "Download")
         self.updateModelInfo()
+
+    # --- jobs: one at a time, each with progress and Cancel ---
+
+    def jobButton(self, kind):
+        return {"train": self.ui.fineTuneButton, "propagate": self.ui.propagateButton,
+                "download": self.ui.downloadModelButton, "evaluate": self.ui.evaluateButton}[kind]
+
+    def startJob(self, worker):
+        """Hold the worker first, then start it: a failed start reports through onFinished and frees the panel."""
+        self.worker = worker
+        self._idleText[worker.kind] = self.jobButton(worker.kind).text
+        self.jobButton(worker.kind).text = "Cancel"
+        self.progressWidgets(worker.kind)[0].value = 0
+        self.updateInputs()
+        worker.start()
+
+    def cancelIfRunning(self, kind):
+        """Cancel the running job of this kind (a second press stops it at once); True when one was running."""
+        if self.worker is None or self.worker.kind != kind:
+            return False
+        label = self.progressWidgets(kind)[1]
+        if self.worker.cancelRequested:
+            self.worker.kill()
+            label.text = "Stopping now..."
+        else:
+            self.worker.cancel()
+            self.jobButton(kind).text = "Stop now"
+            label.text = ("Cancelling: the worker stops after the current step and keeps the last adapter..."
+                          if kind == "train" else "Cancelling...")
+        return True
+
+    def progressWidgets(self, kind):
+        if kind == "propagate":
+            return self.ui.propagateProgressBar, self.ui.propagateStatusLabel
+        return self.ui.progressBar, self.ui.statusLabel
+
+    def onWorkerProgress(self, worker, event):
+        bar, label = self.progressWidgets(worker.kind)
+        bar.value = int(100 * worker.monitor.fraction)
+        if not worker.cancelRequested:
+            label.text = worker.monitor.progress_text()
+        if worker.kind == "train" and event.get("event") == "progress" and event.get("loss") is not None:
+            self.lossPlot.update(worker.monitor.losses)
+
+    def jobFinished(self, outcome, what):
+        kind = self.worker.kind if self.worker is not None else None
+        self.worker = None
+        if kind is not None:
+            button = self.jobButton(kind)
+            button.text = self._idleText.get(kind, button.text)
+            self.progressWidgets(kind)[0].value = 100 if outcome.status == "ok" else 0
+            self.progressWidgets(kind)[1].text = outcome.message
+        if outcome.status == "error":
+            slicer.util.errorDisplay(f"{what} failed: {outcome.message}")
+        self.updateInputs()
 
     # --- fine-tune / propagate ---
 
     def ensureDependencies(self):
+        problem = self.logic.versionProblem()
+        if problem:
+            slicer.util.errorDisplay(problem)
+            return False
         missing = self.logic.missingDependencies()
         if not missing:
             return True
@@ -226,82 +449,72 @@ class SALTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             missing = self.logic.missingDependencies()
         if missing and not slicer.util.confirmOkCancelDisplay(
                 "SALT Segment needs these Python packages, which will now be installed with pip:\n\n  "
-                + "\n  ".join(missing) + "\n\nSlicer's own numpy and SimpleITK are kept as they are."):
+                + "\n  ".join(missing) + "\n\nSlicer's numpy and SimpleITK, and the installed torch and "
+                "torchvision, are kept as they are."):
             return False
         if missing:
             self.logic.installDependencies(missing)
+        self.updateModelInfo()
         return True
 
     def trainingOptions(self):
-        return {
-            "method": self.ui.methodComboBox.currentData,
-            "rank": self.ui.rankComboBox.currentData,
-            "model": self.ui.modelComboBox.currentText,
-            "weights": self.ui.weightsPathLineEdit.currentPath or None,
-            "axis": self.ui.axisComboBox.currentText,
-            "steps": self.ui.stepsSpinBox.value or None,
-            "device": self.ui.deviceComboBox.currentText.lower(),
-        }
+        state = self.panelState()
+        return {"method": state.method, "rank": state.rank, "model": state.model, "weights": state.weights or None,
+                "axis": state.axis, "steps": state.steps or None, "device": state.device}
 
     def onFineTune(self):
-        if self.worker is not None:
-            self.worker.cancel()
-            self.ui.statusLabel.text = "Cancelling: the worker stops at the end of the current step..."
+        if self.cancelIfRunning("train"):
             return
         with slicer.util.tryWithErrorDisplay("Could not start fine-tuning.", waitCursor=True):
             if not self.ensureDependencies():
                 return
             self.lossPlot.clear()
-            self.worker = self.logic.startTraining(
+            self.startJob(self.logic.startTraining(
                 self.ui.inputVolumeSelector.currentNode(), self.ui.segmentationSelector.currentNode(),
                 self.checkedSegmentIds(), self.trainingOptions(),
-                onProgress=self.onWorkerProgress, onFinished=self.onTrainingFinished)
-            self.ui.fineTuneButton.text = "Cancel"
-        self.updateInputs()
-
-    def onWorkerProgress(self, monitor, event):
-        self.ui.progressBar.value = int(100 * monitor.fraction)
-        self.ui.statusLabel.text = monitor.progress_text()
-        if event.get("event") == "progress" and event.get("loss") is not None:
-            self.lossPlot.update(monitor.losses)
+                onProgress=self.onWorkerProgress, onFinished=self.onTrainingFinished))
 
     def onTrainingFinished(self, outcome):
-        self.worker = None
-        self.ui.fineTuneButton.text = "Fine-tune"
-        self.ui.statusLabel.text = outcome.message
-        if outcome.status == "error":
-            slicer.util.errorDisplay("Fine-tuning failed: " + outcome.message)
+        self.jobFinished(outcome, "Fine-tuning")
+        self.onPanelChanged()  # the new adapter is saved with the panel's choices
         self.refreshAdapterTable()
-        self.updateInputs()
 
     def onPropagate(self):
+        if self.cancelIfRunning("propagate"):
+            return
         with slicer.util.tryWithErrorDisplay("Could not start propagation.", waitCursor=True):
             if not self.ensureDependencies():
                 return
-            whole = self.ui.wholeVolumeCheckBox.checked
-            options = {
-                "mode": self.ui.propagationModeComboBox.currentText,
-                "axis": self.ui.axisComboBox.currentText,
-                "first": None if whole else self.ui.firstSliceSpinBox.value,
-                "last": None if whole else self.ui.lastSliceSpinBox.value,
-                "device": self.ui.deviceComboBox.currentText.lower(),
-                "replace": self.ui.resultModeComboBox.currentIndex == 0,
-            }
-            self.worker = self.logic.startPropagation(
-                self.ui.inputVolumeSelector.currentNode(), self.ui.segmentationSelector.currentNode(),
-                self.checkedSegmentIds(), options,
-                onProgress=self.onWorkerProgress, onFinished=self.onPropagationFinished)
-        self.updateInputs()
+            state = self.panelState()
+            options = {"mode": state.mode, "device": state.device, "replace": state.result == "replace",
+                       "first": None if state.whole_volume else state.first,
+                       "last": None if state.whole_volume else state.last}
+            self.startJob(self.logic.startPropagation(
+                self.ui.inputVolumeSelector.currentNode(), self.ui.segmentationSelector.currentNode(), options,
+                onProgress=self.onWorkerProgress, onFinished=self.onPropagationFinished))
 
     def onPropagationFinished(self, outcome):
-        self.worker = None
-        self.ui.statusLabel.text = outcome.message
+        self.jobFinished(outcome, "Propagation")
         if outcome.status == "ok":
             with slicer.util.tryWithErrorDisplay("Could not import the propagated segmentation.", waitCursor=True):
-                self.logic.applyPropagationResult(outcome)
-                self.ui.statusLabel.text = "Propagation done: segments updated."
-        elif outcome.status == "error":
-            slicer.util.errorDisplay("Propagation failed: " + outcome.message)
+                summary = self.logic.applyPropagationResult(outcome)
+                self._editsAtImport = self._edits
+                self.ui.propagateStatusLabel.text = summary
+        else:
+            self.logic.discardPropagation()
+            if outcome.status == "cancelled":
+                self.ui.propagateStatusLabel.text = "Propagation cancelled: the segmentation was not changed."
+        self.updateInputs()
+
+    def onUndoPropagation(self):
+        if self._editsAtImport is not None and self._edits != self._editsAtImport and \
+                not slicer.util.confirmOkCancelDisplay("The segmentation was edited after the propagation. "
+                                                       "Undo brings it back to how it was before the propagation, "
+                                                       "and those edits are lost."):
+            return
+        with slicer.util.tryWithErrorDisplay("Could not undo the propagation.", waitCursor=True):
+            self.ui.propagateStatusLabel.text = self.logic.undoPropagation()
+        self._editsAtImport = None
         self.updateInputs()
 
     # --- adapter library ---
@@ -312,7 +525,7 @@ class SALTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table.setRowCount(len(entries))
         for row, entry in enumerate(entries):
             values = [entry["name"], entry.get("base_model", ""), entry.get("method", ""),
-                      ", ".join(entry.get("segment_names", [])), entry.get("created", "")]
+                      ", ".join(entry.get("segment_names", [])), entry.get("axis", ""), entry.get("created", "")]
             for column, value in enumerate(values):
                 item = qt.QTableWidgetItem(str(value))
                 item.setData(qt.Qt.UserRole, entry["path"])
@@ -328,7 +541,7 @@ class SALTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         path = self.selectedLibraryAdapter()
         if path:
             self.logic.currentAdapter = path
-        self.updateInputs()
+        self.onPanelChanged()
 
     def onSaveAdapter(self):
         if not self.logic.currentAdapter:
@@ -339,7 +552,7 @@ class SALTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay("Could not save the adapter.", waitCursor=True):
                 self.logic.currentAdapter = self.logic.addToLibrary(self.logic.currentAdapter, name)
             self.refreshAdapterTable()
-            self.updateInputs()
+            self.onPanelChanged()
 
     def onImportAdapter(self):
         path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "Import adapter", "",
@@ -356,16 +569,25 @@ class SALTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self.logic.currentAdapter == path:
                 self.logic.currentAdapter = None
             self.refreshAdapterTable()
-            self.updateInputs()
+            self.onPanelChanged()
 
     # --- evaluate ---
 
     def onEvaluate(self):
-        with slicer.util.tryWithErrorDisplay("Evaluation failed.", waitCursor=True):
-            report = self.logic.evaluate(self.ui.inputVolumeSelector.currentNode(),
-                                         self.ui.segmentationSelector.currentNode(), self.checkedSegmentIds(),
-                                         self.ui.referenceSegmentationSelector.currentNode())
-            self.ui.evaluationTextEdit.setPlainText(json.dumps(report, indent=2))
+        if self.cancelIfRunning("evaluate"):
+            return
+        with slicer.util.tryWithErrorDisplay("Could not start the evaluation.", waitCursor=True):
+            if not self.ensureDependencies():
+                return
+            self.ui.evaluationTextEdit.setPlainText("Evaluating...")
+            self.startJob(self.logic.startEvaluation(
+                self.ui.inputVolumeSelector.currentNode(), self.ui.segmentationSelector.currentNode(),
+                self.checkedSegmentIds(), self.ui.referenceSegmentationSelector.currentNode(),
+                onProgress=self.onWorkerProgress, onFinished=self.onEvaluationFinished))
+
+    def onEvaluationFinished(self, outcome):
+        self.jobFinished(outcome, "Evaluation")
+        self.ui.evaluationTextEdit.setPlainText(self.logic.evaluationText(outcome))
 
 
 class LossPlot:
@@ -416,18 +638,23 @@ class LossPlot:
 
 
 class QProcessWorker:
-    """Runs one CLI command in a QProcess and reports its protocol events; cancel() sends SIGTERM."""
+    """Runs one CLI command in a QProcess, reports its protocol events, and cancels it for real.
 
-    KILL_AFTER_MS = 60000
+    Cancel follows :class:`~SALTSegmentLib.host.worker_process.CancelPlan`:
+    the stop file first (the worker saves and exits at its next step), then,
+    after the grace period or on a second request, the whole process tree
+    (PythonSlicer's launcher forwards no signal to the interpreter).
+    """
 
-    def __init__(self, kind, command, environment, onProgress=None, onFinished=None):
-        from SALTSegmentLib.worker_process import WorkerMonitor
-
+    def __init__(self, kind, command, environment, stopFile=None, onProgress=None, onFinished=None):
         self.kind = kind
+        self.command = command
         self.monitor = WorkerMonitor()
         self.onProgress = onProgress
         self.onFinished = onFinished
         self.outcome = None
+        self.plan = CancelPlan(stopFile)
+        self.killed = False
         self.process = qt.QProcess()
         self.process.setProcessChannelMode(qt.QProcess.MergedChannels)
         processEnvironment = qt.QProcessEnvironment()
@@ -436,28 +663,38 @@ class QProcessWorker:
         self.process.setProcessEnvironment(processEnvironment)
         self.process.readyReadStandardOutput.connect(self._read)
         self.process.connect("finished(int,QProcess::ExitStatus)", self._finished)
-        self.process.connect("errorOccurred(QProcess::ProcessError)", self._failedToStart)
-        logging.info("SALTSegment worker: " + " ".join(command))
-        self.process.start(command[0], command[1:])
+        self.process.connect("errorOccurred(QProcess::ProcessError)", self._error)
+        self._killTimer = qt.QTimer()
+        self._killTimer.setSingleShot(True)
+        self._killTimer.timeout.connect(self.kill)
+
+    @property
+    def cancelRequested(self):
+        return self.plan.requested
+
+    def start(self):
+        logging.info("SALTSegment worker: " + " ".join(self.command))
+        self.process.start(self.command[0], self.command[1:])
 
     def _read(self):
         text = bytes(self.process.readAllStandardOutput().data()).decode("utf-8", errors="replace")
         for event in self.monitor.feed(text):
             if self.onProgress:
-                self.onProgress(self.monitor, event)
-        for line in self.monitor.log[-3:]:
-            logging.debug("SALTSegment worker: " + line)
+                self.onProgress(self, event)
 
     def _finished(self, exitCode, exitStatus):
+        self._killTimer.stop()
         self._read()
         crashed = exitStatus == qt.QProcess.CrashExit
-        self._done(self.monitor.outcome(-15 if crashed and not exitCode else exitCode))
+        if (crashed or self.killed) and self.monitor.pid and pid_alive(self.monitor.pid):
+            kill_tree(None, [self.monitor.pid])  # the launcher died but its interpreter did not
+        self._done(self.monitor.outcome(-9 if crashed and not exitCode else exitCode,
+                                        cancelled=self.killed or (crashed and self.plan.requested)))
 
-    def _failedToStart(self, error):
+    def _error(self, error):
         if error == qt.QProcess.FailedToStart:
-            from SALTSegmentLib.worker_process import WorkerOutcome
-
-            self._done(WorkerOutcome("error", "The worker could not be started: " + self.process.errorString(), -1))
+            self._done(WorkerOutcome("error", f"The worker could not be started ({self.command[0]}): "
+                                     + last_line(self.process.errorString(), "unknown reason"), -1))
 
     def _done(self, outcome):
         if self.outcome is not None:
@@ -466,14 +703,34 @@ class QProcessWorker:
         if self.onFinished:
             self.onFinished(outcome)
 
-    def cancel(self):
-        if self.process.state() != qt.QProcess.NotRunning:
-            self.process.terminate()
-            qt.QTimer.singleShot(self.KILL_AFTER_MS, self._killIfRunning)
+    def running(self):
+        return self.process.state() != qt.QProcess.NotRunning
 
-    def _killIfRunning(self):
-        if self.process.state() != qt.QProcess.NotRunning:
-            self.process.kill()
+    def cancel(self):
+        """Ask the worker to stop; end the process tree if it has not stopped after the grace period."""
+        if not self.running() or self.plan.requested:
+            return
+        grace = self.plan.request(self.monitor)
+        if grace <= 0:
+            self.kill()
+        else:
+            self._killTimer.start(int(grace * 1000))
+
+    def kill(self):
+        """End the launcher, the interpreter and anything they started, now."""
+        if not self.running():
+            return
+        self.plan.requested = True
+        self.killed = True
+        kill_tree(int(self.process.processId()), [self.monitor.pid])
+
+    def shutdown(self, timeoutMs):
+        """For module clean-up: ask to stop, wait up to ``timeoutMs``, then end the tree."""
+        if not self.running():
+            return
+        if self.plan.request(self.monitor) <= 0 or not self.process.waitForFinished(timeoutMs):
+            self.kill()
+            self.process.waitForFinished(5000)
 
     def wait(self, timeoutSeconds):
         """Process events until the worker ends (for the self-test and scripts)."""
@@ -484,7 +741,7 @@ class QProcessWorker:
             slicer.app.processEvents()
             self.process.waitForFinished(100)
         if self.outcome is None:
-            self.cancel()
+            self.kill()
             raise TimeoutError(f"The {self.kind} worker did not finish within {timeoutSeconds} s")
         return self.outcome
 
@@ -501,9 +758,14 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.currentAdapter = None
         self.pendingResult = None
+        self.undoPoint = None
         self._modelInfo = None
+        self._torchInstalled = None
+        self._metadata = {}
+        self._runFolders = []
+        run_folders.remove_stale_run_folders(self.temporaryFolder())
 
-    # --- folders and processes ---
+    # --- folders, processes, panel state ---
 
     @staticmethod
     def userFolder():
@@ -516,34 +778,77 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
         return folder
 
     @staticmethod
-    def newRunFolder(kind):
-        return tempfile.mkdtemp(prefix=f"SALTSegment-{kind}-", dir=slicer.app.temporaryPath)
+    def temporaryFolder():
+        return slicer.app.temporaryPath
+
+    def newRunFolder(self, kind):
+        folder = run_folders.new_run_folder(self.temporaryFolder(), kind)
+        self._runFolders.append(folder)
+        return folder
+
+    def cleanRunFolder(self, folder, keep=()):
+        run_folders.clean_run_folder(folder, keep)
+        if folder in self._runFolders and not os.path.isdir(folder):
+            self._runFolders.remove(folder)
+
+    @contextlib.contextmanager
+    def removedOnError(self, folder):
+        """Delete a run folder when preparing the run fails (a half-exported volume is of no use)."""
+        try:
+            yield
+        except BaseException:
+            self.cleanRunFolder(folder)
+            raise
+
+    def cleanup(self):
+        """Delete this session's run folders, except the one holding the current adapter."""
+        for folder in list(self._runFolders):
+            self.cleanRunFolder(folder, keep=[self.currentAdapter] if self.currentAdapter else [])
 
     @staticmethod
     def pythonExecutable():
         return shutil.which("PythonSlicer") or sys.executable
 
-    def workerCommand(self, settings):
-        from SALTSegmentLib.worker_process import worker_command, worker_environment
+    def worker(self, kind, settings, onProgress=None, onFinished=None):
+        command = worker_command(settings, python=self.pythonExecutable())
+        return QProcessWorker(kind, command, worker_environment(MODULE_DIR), settings.stop_file,
+                              onProgress, onFinished)
 
-        return worker_command(settings, python=self.pythonExecutable()), worker_environment(MODULE_DIR)
+    def readPanelState(self):
+        from SALTSegmentLib import slicer_bridge
+
+        return slicer_bridge.read_parameters(self.getParameterNode(), NODE_ROLES)
+
+    def writePanelState(self, state, nodes):
+        from SALTSegmentLib import slicer_bridge
+
+        slicer_bridge.write_parameters(self.getParameterNode(), state.to_parameters(), nodes)
+
+    def onSceneClose(self):
+        self.pendingResult = None
+        self.undoPoint = None
 
     # --- dependencies ---
 
     @staticmethod
+    def versionProblem():
+        return dependencies.version_problem((slicer.app.majorVersion, slicer.app.minorVersion), sys.version_info)
+
+    @staticmethod
     def requirements():
-        with open(os.path.join(MODULE_DIR, "Resources", "requirements.txt")) as handle:
-            lines = [line.split("#")[0].strip() for line in handle]
-        return [line for line in lines if line]
+        return dependencies.read_requirements(os.path.join(MODULE_DIR, "Resources", "requirements.txt"))
 
     def missingDependencies(self):
-        hasTorch = importlib.util.find_spec("torch") and importlib.util.find_spec("torchvision")
-        missing = [] if hasTorch else ["torch"]
-        for requirement in self.requirements():
-            name = requirement.split(";")[0].split("=")[0].split(">")[0].split("<")[0].strip()
-            if importlib.util.find_spec(name.replace("-", "_").lower()) is None:
-                missing.append(requirement)
-        return missing
+        """What to install: "torch" (through the PyTorch extension) and the requirements pip must add."""
+        self._torchInstalled = None
+        missing = [] if self.torchInstalled() else ["torch"]
+        return missing + dependencies.missing_requirements(self.requirements())
+
+    def torchInstalled(self):
+        """torch and torchvision are installed (read from their metadata once: torch is never imported here)."""
+        if self._torchInstalled is None:
+            self._torchInstalled = dependencies.torch_installed()
+        return self._torchInstalled
 
     @staticmethod
     def installTorch():
@@ -551,160 +856,237 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
         try:
             import PyTorchUtils
         except ImportError:
-            raise RuntimeError("SALT Segment needs the PyTorch extension: install it from the Extension Manager "
+            raise RuntimeError("SALT Segment needs the PyTorch extension: install it from the Extensions Manager "
                                "and restart Slicer.")
         return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is not None
 
-    @staticmethod
-    def installDependencies(requirements):
-        """pip install with Slicer's numpy and SimpleITK pinned, so no requirement can replace them."""
-        import importlib.metadata
-
-        pins = []
-        for package in SLICER_OWNED_PACKAGES:
-            try:
-                pins.append(f"{package}=={importlib.metadata.version(package)}")
-            except importlib.metadata.PackageNotFoundError:
-                pass
-        constraints = os.path.join(tempfile.mkdtemp(prefix="SALTSegment-pip-"), "constraints.txt")
-        with open(constraints, "w") as handle:
-            handle.write("\n".join(pins) + "\n")
-        slicer.util.pip_install(list(requirements) + ["-c", constraints])
+    def installDependencies(self, requirements):
+        """pip install with Slicer's numpy and SimpleITK and the installed torch/torchvision pinned."""
+        folder = self.newRunFolder("pip")
+        constraints = os.path.join(folder, "constraints.txt")
+        with open(constraints, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(dependencies.constraints()) + "\n")
+        try:
+            slicer.util.pip_install(list(requirements) + ["-c", constraints])
+        finally:
+            self.cleanRunFolder(folder)
+            self._modelInfo = self._torchInstalled = None  # the model list can run now
 
     # --- base models ---
 
-    def modelInfo(self, modelId):
-        """What ``saltsegment models --json`` says about a model (cached; {} when the worker cannot run)."""
-        if self._modelInfo is None:
-            self._modelInfo = {}
-            if importlib.util.find_spec("torch") is not None:
-                try:
-                    self._modelInfo = {entry.get("id"): entry for entry in self._runJson(self._modelsSettings())}
-                except Exception as error:
-                    logging.warning(f"SALTSegment: could not list models: {error}")
-        info = dict(self._modelInfo.get(modelId, {}))
-        if not info:
-            info["status_text"] = "unknown until the dependencies are installed"
-        elif "status_text" not in info:
-            available = info.get("available") or info.get("cached")
-            info["available"] = bool(available)
-            info["status_text"] = "available locally" if available else (
-                "download on request" if info.get("downloadable", True) else "needs a local file")
-        return info
+    def modelStatus(self, modelId):
+        """What the panel says about a base model, from the last model list (or from what is known without one)."""
+        info = dict((self._modelInfo or {}).get(modelId, {}))
+        downloadable = modelId in choices.DOWNLOADABLE_MODELS
+        status = {"downloadable": downloadable, "size_bytes": info.get("size_bytes"),
+                  "listable": self._modelInfo is None and self.torchInstalled()}
+        if modelId in choices.PACKAGED_MODELS:
+            status["text"] = f"{modelId} ships with the package (offline)"
+        elif info:
+            available = bool(info.get("available"))
+            status["downloadable"] = downloadable and not available
+            status["text"] = ("available locally" if available else
+                              "download on request" if downloadable else "needs a local weights file")
+        else:
+            status["text"] = ("download on request" if downloadable else "needs a local weights file") + (
+                "" if self._modelInfo is not None else " (checking the cache...)" if status["listable"]
+                else " (the status shows once the dependencies are installed)")
+        return status
 
-    @staticmethod
-    def _modelsSettings(download=None):
-        from SALTSegmentLib.worker_process import ModelsSettings
+    def startModelList(self, onFinished=None):
+        def finished(outcome):
+            self._modelInfo = {}  # a failed list is not retried on every change of the combo box
+            if outcome.status == "ok" and isinstance(outcome.document, list):
+                self._modelInfo = {entry.get("id"): entry for entry in outcome.document if isinstance(entry, dict)}
+            if onFinished:
+                onFinished(outcome)
 
-        return ModelsSettings(download=download)
+        return self.worker("models", ModelsSettings(), onFinished=finished)
 
-    def downloadModel(self, modelId):
-        command, environment = self.workerCommand(self._modelsSettings(download=modelId))
-        completed = subprocess.run(command, env=environment, capture_output=True, text=True)
-        if completed.returncode != 0:
-            raise RuntimeError((completed.stderr or completed.stdout).strip().splitlines()[-1])
-        self._modelInfo = None
+    def startDownload(self, modelId, onProgress=None, onFinished=None):
+        def finished(outcome):
+            self._modelInfo = None
+            if onFinished:
+                onFinished(outcome)
 
-    def _runJson(self, settings):
-        command, environment = self.workerCommand(settings)
-        completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
-        if completed.returncode != 0:
-            lines = (completed.stderr or completed.stdout).strip().splitlines()
-            raise RuntimeError(lines[-1] if lines else f"exit code {completed.returncode}")
-        return json.loads(completed.stdout)
+        return self.worker("download", ModelsSettings(download=modelId), onProgress, finished)
 
     # --- inputs ---
 
     @staticmethod
-    def labelledSlices(volumeNode, segmentationNode, segmentIds, axis):
-        """Indices of the labelled slices along ``axis`` and the number of slices on that axis."""
+    def labelledSlices(volumeNode, segmentationNode, segmentIds, plane):
+        """The drawn slices along the anatomical ``plane`` (voxel axis chosen from the direction matrix), and their count."""
         from SALTSegmentLib import slicer_bridge
 
-        exported = slicer_bridge.segmentation_to_label_map(segmentationNode, volumeNode, segmentIds)
-        arrayAxis = slicer_bridge.slice_axis(axis, exported.ijk_to_ras)
-        return slicer_bridge.labelled_slices(exported.array, arrayAxis), exported.array.shape[arrayAxis]
+        arrayAxis = slicer_bridge.slice_axis(plane, slicer_bridge.volume_ijk_to_ras(volumeNode))
+        slices = slicer_bridge.drawn_slice_indices(segmentationNode, volumeNode, segmentIds, arrayAxis)
+        return slices, volumeNode.GetImageData().GetDimensions()[2 - arrayAxis]
 
     # --- fine-tune ---
 
     def startTraining(self, volumeNode, segmentationNode, segmentIds, options, onProgress=None, onFinished=None):
         from SALTSegmentLib import slicer_bridge
-        from SALTSegmentLib.worker_process import TrainSettings
 
         if volumeNode is None or segmentationNode is None or not segmentIds:
             raise ValueError("Select a volume, a segmentation and at least one segment")
         slicer_bridge.ensure_converter_rules()
+        arrayAxis = slicer_bridge.slice_axis(options.get("axis", "axial"), slicer_bridge.volume_ijk_to_ras(volumeNode))
         folder = self.newRunFolder("train")
-        image = os.path.join(folder, "image.nrrd")
-        labels = os.path.join(folder, "labels.seg.nrrd")
-        slicer_bridge.export_volume_file(volumeNode, image)
-        exported = slicer_bridge.export_label_map_file(segmentationNode, volumeNode, segmentIds, labels)
-        arrayAxis = slicer_bridge.slice_axis(options.get("axis", "axial"), exported.ijk_to_ras)
-        if not slicer_bridge.labelled_slices(exported.array, arrayAxis):
-            raise ValueError("The selected segments have no labelled voxels: label a few slices first")
+        image, labels = os.path.join(folder, "image.nrrd"), os.path.join(folder, "labels.seg.nrrd")
+        with self.removedOnError(folder):
+            exported = slicer_bridge.export_label_map_file(segmentationNode, volumeNode, segmentIds, labels,
+                                                           drawn_only_axis=arrayAxis)
+            if not slicer_bridge.labelled_slices(exported.array, arrayAxis):
+                raise ValueError("The selected segments have no drawn voxels on this slice axis: "
+                                 "label a few slices first")
+            slicer_bridge.export_volume_file(volumeNode, image)
         adapter = os.path.join(folder, "adapter.safetensors")
         settings = TrainSettings(image=image, labels=labels, out=adapter, method=options.get("method") or "salt",
                                  model=options.get("model"), weights=options.get("weights"),
-                                 axis=ARRAY_AXIS_NAMES[arrayAxis], steps=options.get("steps"),
-                                 device=options.get("device", "auto"), rank=options.get("rank"))
-        command, environment = self.workerCommand(settings)
+                                 axis=choices.AXES[arrayAxis], steps=options.get("steps"),
+                                 device=options.get("device", "auto"), rank=options.get("rank"),
+                                 stop_file=os.path.join(folder, "stop"))
 
         def finished(outcome):
-            if os.path.exists(outcome.outputs.get("adapter", adapter)):
-                self.currentAdapter = outcome.outputs.get("adapter", adapter)
+            path = outcome.outputs.get("adapter", adapter)
+            if os.path.exists(path):
+                self.currentAdapter = path
+            self.cleanRunFolder(folder, keep=[path])
             if onFinished:
                 onFinished(outcome)
 
-        return QProcessWorker("train", command, environment, onProgress, finished)
+        return self.worker("train", settings, onProgress, finished)
 
     # --- propagate ---
 
-    def startPropagation(self, volumeNode, segmentationNode, segmentIds, options, onProgress=None, onFinished=None):
-        from SALTSegmentLib import slicer_bridge
-        from SALTSegmentLib.worker_process import PropagateSettings
+    def adapterMetadata(self, path=None):
+        """The checked metadata of an adapter file (read from its header; cached while the file is unchanged)."""
+        path = path or self.currentAdapter
+        if not path:
+            return None
+        key = (path, os.path.getmtime(path) if os.path.exists(path) else None)
+        if key not in self._metadata:
+            self._metadata[key] = load_adapter_metadata(path)
+        return self._metadata[key]
 
+    def adapterSummary(self, volumeNode):
+        """(text for the panel, a problem that prevents propagation or None)."""
+        if not self.currentAdapter:
+            return "none: fine-tune or pick one in the library", None
+        name = os.path.basename(self.currentAdapter)
+        try:
+            metadata = self.adapterMetadata()
+        except AdapterFileError as error:
+            return name, f"This adapter cannot be used: {error}"
+        return (f"{name} ({metadata.base_model}, {metadata.method}; segments: "
+                f"{', '.join(metadata.segment_names)})"), None
+
+    def propagationAxisText(self, volumeNode, panelPlane):
+        """Which slices Propagate runs along: always the adapter's voxel axis, said in this volume's terms."""
+        metadata = self._metadataOrNone()
+        if metadata is None:
+            return "-"
+        arrayAxis = choices.AXES.index(metadata.axis)
+        text = f"the adapter's axis: voxel axis {'kji'[arrayAxis]}"
+        if volumeNode is None or volumeNode.GetImageData() is None:
+            return text
+        from SALTSegmentLib import slicer_bridge
+
+        matrix = slicer_bridge.volume_ijk_to_ras(volumeNode)
+        plane = next((p for p in choices.AXES if slicer_bridge.slice_axis(p, matrix) == arrayAxis), metadata.axis)
+        text += f", the {plane} plane of this volume"
+        if slicer_bridge.slice_axis(panelPlane, matrix) != arrayAxis:
+            text += f" (not the {panelPlane} plane chosen above, which applies to fine-tuning)"
+        return text
+
+    def _metadataOrNone(self):
+        try:
+            return self.adapterMetadata()
+        except (AdapterFileError, OSError):
+            return None
+
+    def propagationSliceCount(self, volumeNode):
+        metadata = self._metadataOrNone()
+        if metadata is None or volumeNode is None or volumeNode.GetImageData() is None:
+            return 0
+        return volumeNode.GetImageData().GetDimensions()[2 - choices.AXES.index(metadata.axis)]
+
+    def startPropagation(self, volumeNode, segmentationNode, options, onProgress=None, onFinished=None):
+        """Propagate the adapter's segments along the adapter's axis; the user's drawn slices seed box mode."""
+        from SALTSegmentLib import slicer_bridge
+
+        if volumeNode is None or segmentationNode is None:
+            raise ValueError("Select a volume and a segmentation")
         if not self.currentAdapter:
             raise ValueError("No adapter: fine-tune first or pick one in the adapter library")
+        metadata = self.adapterMetadata()
+        arrayAxis = choices.AXES.index(metadata.axis)
         folder = self.newRunFolder("propagate")
-        image = os.path.join(folder, "image.nrrd")
-        output = os.path.join(folder, "result.seg.nrrd")
-        slicer_bridge.export_volume_file(volumeNode, image)
-        labels, protected, arrayAxis = None, [], 0
-        if segmentIds:
-            labels = os.path.join(folder, "labels.seg.nrrd")
-            exported = slicer_bridge.export_label_map_file(segmentationNode, volumeNode, segmentIds, labels)
-            arrayAxis = slicer_bridge.slice_axis(options.get("axis", "axial"), exported.ijk_to_ras)
-            protected = slicer_bridge.labelled_slices(exported.array, arrayAxis)
-        settings = PropagateSettings(image=image, adapter=self.currentAdapter, out=output, labels=labels,
-                                     mode=options.get("mode", "auto"), first=options.get("first"),
-                                     last=options.get("last"), device=options.get("device", "auto"))
-        command, environment = self.workerCommand(settings)
-        self.pendingResult = {"output": output, "volumeNode": volumeNode, "segmentationNode": segmentationNode,
-                              "replace": options.get("replace", True), "protected": protected, "axis": arrayAxis}
-        return QProcessWorker("propagate", command, environment, onProgress, onFinished)
+        image, output = os.path.join(folder, "image.nrrd"), os.path.join(folder, "result.seg.nrrd")
+        drawnIds = [i for i in (slicer_bridge.find_segment_id(segmentationNode, name)
+                                for name in metadata.segment_names) if i is not None]
+        labels, mode = None, options.get("mode", "box")
+        with self.removedOnError(folder):
+            if drawnIds:
+                labels = os.path.join(folder, "labels.seg.nrrd")
+                exported = slicer_bridge.export_label_map_file(segmentationNode, volumeNode, drawnIds, labels,
+                                                               drawn_only_axis=arrayAxis)
+                if not exported.array.any():
+                    labels = None
+            if mode == "box" and labels is None:
+                raise ValueError(f"Box propagation starts from your drawn slices, but none of the adapter's "
+                                 f"segments ({', '.join(metadata.segment_names)}) is drawn in this segmentation: "
+                                 "draw a few slices, or choose 'auto' prompting")
+            slicer_bridge.export_volume_file(volumeNode, image)
+        first, last = options.get("first"), options.get("last")
+        settings = PropagateSettings(image=image, adapter=self.currentAdapter, out=output, labels=labels, mode=mode,
+                                     first=first, last=last, device=options.get("device", "auto"),
+                                     stop_file=os.path.join(folder, "stop"))
+        self.pendingResult = {"output": output, "folder": folder, "volumeNode": volumeNode,
+                              "segmentationNode": segmentationNode, "replace": options.get("replace", True),
+                              "axis": arrayAxis, "range": None if first is None else (first, last)}
+        return self.worker("propagate", settings, onProgress, onFinished)
 
     def applyPropagationResult(self, outcome):
-        """Put the worker's label map into the segmentation in one step the Segment Editor can undo."""
+        """Write the worker's label map into the segmentation, undoable in one step; return a summary."""
         from SALTSegmentLib import slicer_bridge
 
         context = self.pendingResult
         if context is None:
             raise ValueError("No propagation was started")
-        path = outcome.outputs.get("segmentation") or context["output"]
         segmentationNode = context["segmentationNode"]
-        self._saveStateForUndo(segmentationNode)
-        written = slicer_bridge.import_label_map_file(
-            path, segmentationNode, context["volumeNode"], replace=context["replace"],
-            protected_slices=context["protected"] if context["replace"] else (), axis=context["axis"])
+        try:
+            self.undoPoint = slicer_bridge.UndoPoint(segmentationNode)
+            self._saveStateInSegmentEditor(segmentationNode)
+            written = slicer_bridge.import_label_map_file(
+                outcome.outputs.get("segmentation") or context["output"], segmentationNode, context["volumeNode"],
+                replace=context["replace"], axis=context["axis"], slice_range=context["range"])
+        finally:
+            self.discardPropagation()
+        names = [segmentationNode.GetSegmentation().GetSegment(i).GetName() for i in written]
+        return (f"Propagation done: {', '.join(names)} updated; every slice you drew was kept as drawn. "
+                "Undo propagation reverts it.")
+
+    def discardPropagation(self):
+        if self.pendingResult is not None:
+            self.cleanRunFolder(self.pendingResult["folder"])
         self.pendingResult = None
-        return written
+
+    def undoPropagation(self):
+        if self.undoPoint is None or not self.undoPoint.restore():
+            self.undoPoint = None
+            raise ValueError("There is no propagation to undo")
+        self.undoPoint = None
+        return "The last propagation was undone."
 
     @staticmethod
-    def _saveStateForUndo(segmentationNode):
+    def _saveStateInSegmentEditor(segmentationNode):
+        """Let the Segment Editor's Undo revert the import too, when it shows this segmentation."""
         try:
-            editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
-        except AttributeError:
+            editor = slicer.util.getModuleWidget("SegmentEditor").editor
+        except (RuntimeError, AttributeError):
             return
-        if editor.segmentationNode() == segmentationNode:
+        if editor is not None and editor.segmentationNode() == segmentationNode:
             editor.saveStateForUndo()
 
     # --- adapter library ---
@@ -718,18 +1100,17 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
             path = os.path.join(folder, name)
             entry = {"name": name[: -len(".safetensors")], "path": path}
             try:
-                from SALTSegmentLib.adapter_io import read_adapter_metadata
-
-                metadata = read_adapter_metadata(path)
-                entry.update({key: str(metadata.get(key, "")) for key in ("base_model", "method", "created")})
-                entry["segment_names"] = [s.get("name", "") for s in metadata.get("segments", [])]
-                entry["details"] = json.dumps(metadata.get("training", {}), indent=1)
-            except Exception as error:  # an unreadable file stays listed, with the reason
-                entry["details"] = f"metadata not readable: {error}"
+                metadata = self.adapterMetadata(path)
+                entry.update(base_model=metadata.base_model, method=metadata.method, created=metadata.created,
+                             axis=metadata.axis, segment_names=metadata.segment_names,
+                             details="\n".join(f"{k}: {v}" for k, v in metadata.training.items()) or path)
+            except (AdapterFileError, OSError) as error:  # an unreadable file stays listed, with the reason
+                entry["details"] = f"not usable: {error}"
             entries.append(entry)
         return entries
 
     def addToLibrary(self, path, name):
+        load_adapter_metadata(path)  # refuse a damaged or edited file now, not at the next Propagate
         safeName = "".join(c if c.isalnum() or c in "-_." else "_" for c in name.strip()) or "adapter"
         target = os.path.join(self.adapterFolder(), safeName + ".safetensors")
         if os.path.exists(target) and os.path.abspath(target) != os.path.abspath(path):
@@ -740,22 +1121,38 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
 
     # --- evaluate ---
 
-    def evaluate(self, volumeNode, segmentationNode, segmentIds, referenceNode):
+    def startEvaluation(self, volumeNode, segmentationNode, segmentIds, referenceNode, onProgress=None,
+                        onFinished=None):
         """Metrics of the selected segments against the reference, on the volume's grid (matched by name)."""
         from SALTSegmentLib import slicer_bridge
-        from SALTSegmentLib.worker_process import EvaluateSettings
 
         folder = self.newRunFolder("evaluate")
         prediction = os.path.join(folder, "prediction.seg.nrrd")
         reference = os.path.join(folder, "reference.seg.nrrd")
-        exported = slicer_bridge.export_label_map_file(segmentationNode, volumeNode, segmentIds or None, prediction)
-        names = {segment.name for segment in exported.segments}
-        referenceIds = [sid for sid in slicer_bridge.segment_ids(referenceNode)
-                        if referenceNode.GetSegmentation().GetSegment(sid).GetName() in names]
-        if not referenceIds:
-            raise ValueError("No segment of the reference has the name of a selected segment")
-        slicer_bridge.export_label_map_file(referenceNode, volumeNode, referenceIds, reference)
-        return self._runJson(EvaluateSettings(pred=prediction, ref=reference))
+        with self.removedOnError(folder):
+            exported = slicer_bridge.export_label_map_file(segmentationNode, volumeNode, segmentIds or None,
+                                                           prediction)
+            names = {segment.name for segment in exported.segments}
+            referenceIds = [sid for sid in slicer_bridge.segment_ids(referenceNode)
+                            if referenceNode.GetSegmentation().GetSegment(sid).GetName() in names]
+            if not referenceIds:
+                raise ValueError("No segment of the reference has the name of a selected segment")
+            slicer_bridge.export_label_map_file(referenceNode, volumeNode, referenceIds, reference)
+
+        def finished(outcome):
+            self.cleanRunFolder(folder)
+            if onFinished:
+                onFinished(outcome)
+
+        return self.worker("evaluate", EvaluateSettings(pred=prediction, ref=reference), onProgress, finished)
+
+    @staticmethod
+    def evaluationText(outcome):
+        import json
+
+        if outcome.status == "ok" and outcome.document is not None:
+            return json.dumps(outcome.document, indent=2)
+        return outcome.message
 
 
 #
@@ -764,7 +1161,7 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
 
 
 class SALTSegmentTest(ScriptedLoadableModuleTest):
-    """End to end: synthetic volume, three labelled slices, 2 training steps, propagation, result checks."""
+    """End to end: synthetic volume, three labelled slices, 2 training steps, propagation, result checks, undo."""
 
     def setUp(self):
         slicer.mrmlScene.Clear(0)
@@ -791,13 +1188,13 @@ class SALTSegmentTest(ScriptedLoadableModuleTest):
         drawn = np.zeros(blob.shape, np.uint16)
         for k in (5, 8, 11):
             drawn[k] = blob[k]
-        from SALTSegmentLib.volume_io import Segment
-
         segmentIds = slicer_bridge.import_label_map(segmentationNode, drawn, ijkToRas,
-                                                    [Segment(1, "blob", (0.9, 0.4, 0.3))])
+                                                    [slicer_bridge.Segment(1, "blob", (0.9, 0.4, 0.3))])
         before = slicer_bridge.segmentation_to_label_map(segmentationNode, volumeNode, segmentIds).array
 
         logic = SALTSegmentLogic()
+        if logic.versionProblem():
+            self.skipTest(logic.versionProblem())
         missing = logic.missingDependencies()
         if missing:
             self.skipTest("Missing Python packages: " + ", ".join(missing))
@@ -805,18 +1202,19 @@ class SALTSegmentTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Fine-tuning for 2 steps")
         worker = logic.startTraining(volumeNode, segmentationNode, segmentIds,
                                      {"method": "salt", "model": "lite_medsam", "steps": 2, "device": "cpu"})
+        worker.start()
         outcome = worker.wait(900)
         self.assertEqual(outcome.status, "ok", outcome.message)
         self.assertTrue(logic.currentAdapter and os.path.exists(logic.currentAdapter))
         self.assertGreaterEqual(len(worker.monitor.losses), 1)
 
         self.delayDisplay("Propagating")
-        worker = logic.startPropagation(volumeNode, segmentationNode, segmentIds,
-                                        {"mode": "box", "device": "cpu", "replace": True})
+        worker = logic.startPropagation(volumeNode, segmentationNode, {"mode": "box", "device": "cpu",
+                                                                       "replace": True})
+        worker.start()
         outcome = worker.wait(900)
         self.assertEqual(outcome.status, "ok", outcome.message)
-        written = logic.applyPropagationResult(outcome)
-        self.assertEqual(written, segmentIds)
+        logic.applyPropagationResult(outcome)
 
         after = slicer_bridge.segmentation_to_label_map(segmentationNode, volumeNode, segmentIds).array
         for k in (5, 8, 11):
@@ -824,4 +1222,10 @@ class SALTSegmentTest(ScriptedLoadableModuleTest):
         self.assertEqual(segmentationNode.GetSegmentation().GetNumberOfSegments(), 1)
         labelledElsewhere = [k for k in range(after.shape[0]) if k not in (5, 8, 11) and after[k].any()]
         self.assertTrue(labelledElsewhere, "propagation produced no voxels outside the drawn slices")
+
+        self.delayDisplay("Undoing the propagation")
+        logic.undoPropagation()
+        undone = slicer_bridge.segmentation_to_label_map(segmentationNode, volumeNode, segmentIds).array
+        self.assertTrue(np.array_equal(undone, before), "undo did not restore the segmentation")
+        logic.cleanup()
         self.delayDisplay("Test passed")

@@ -153,11 +153,28 @@ def _imported_modules(path: Path, top_level_only: bool) -> set[str]:
     return names
 
 
-def test_module_does_not_import_torch_at_import_time():
-    imported = _imported_modules(MODULE_FILE, top_level_only=True)
-    assert "torch" not in imported and "SALTSegmentLib" not in imported
+def _imported_engine_modules(top_level_only: bool) -> set[str]:
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"), filename=str(MODULE_FILE))
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("SALTSegmentLib"):
+            if node.module == "SALTSegmentLib":  # from SALTSegmentLib import slicer_bridge
+                found |= {f"SALTSegmentLib.{alias.name}" for alias in node.names}
+            else:
+                found.add(node.module)
+    return found
+
+
+def test_module_does_not_import_torch():
     # Nothing in the module file imports torch, even lazily: all torch work runs in the worker.
     assert "torch" not in _imported_modules(MODULE_FILE, top_level_only=False)
+    # At load time (Slicer loads every module at start-up) only the torch-free host package is imported;
+    # test_host_boundary.py imports each of those modules with torch blocked.
+    top = _imported_engine_modules(top_level_only=True)
+    assert top and all(name.startswith("SALTSegmentLib.host") for name in top), top
+    lazy = _imported_engine_modules(top_level_only=False) - top
+    assert lazy <= {"SALTSegmentLib.slicer_bridge"}, lazy
 
 
 @pytest.mark.parametrize("path", sorted(LIB_DIR.rglob("*.py")), ids=lambda p: p.relative_to(LIB_DIR).as_posix())

@@ -1,0 +1,223 @@
+"""The module's Logic run for real on MRML (slicer-core) and the real CLI, with only Qt and the app stubbed.
+
+The Slicer application cannot run here, so ``qt``/``ctk`` are stand-ins that
+accept any call and ``slicer.app`` is a small object with the properties the
+Logic reads. Everything else is real: the scene, the storage nodes, the
+bridge, the files, and the worker command the Logic builds, which is run
+with the same driver the tests of the worker use. This catches what static
+checks cannot (a wrong name, a missing argument, a result written back
+wrong) in the code Slicer would run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="the slicer-core wheel is needed for the MRML tests")
+
+from SALTSegmentLib import slicer_bridge as bridge  # noqa: E402
+from SALTSegmentLib.host.worker_process import SubprocessWorker, worker_environment  # noqa: E402
+from SALTSegmentLib.volume_io import read_label_map  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE_DIR = REPO / "SALTSegment"
+
+
+class FakeApp:
+    majorVersion, minorVersion = 5, 10
+
+    def __init__(self, folder: Path) -> None:
+        self.temporaryPath = str(folder / "temp")
+        self.slicerUserSettingsFilePath = str(folder / "settings" / "Slicer.ini")
+        os.makedirs(self.temporaryPath, exist_ok=True)
+
+
+def _scripted_loadable_module():
+    """Stand-ins for slicer.ScriptedLoadableModule (part of the application, not of slicer-core)."""
+    module = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            self.moduleName = type(self).__name__[: -len("Logic")]
+
+        def getParameterNode(self):  # as in Slicer: one singleton scripted module node per module
+            node = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
+            if node is None:
+                node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
+                node.UnRegister(None)
+                node.SetSingletonTag(self.moduleName)
+                node = slicer.mrmlScene.AddNode(node)
+            return node
+
+    module.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleTest"):
+        setattr(module, name, type(name, (), {}))
+    return module
+
+
+@pytest.fixture()
+def module(tmp_path, monkeypatch):
+    scene = slicer.vtkMRMLScene()
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(slicer, "app", FakeApp(tmp_path), raising=False)
+    monkeypatch.setitem(sys.modules, "qt", mock.MagicMock(name="qt"))
+    monkeypatch.setitem(sys.modules, "ctk", mock.MagicMock(name="ctk"))
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", _scripted_loadable_module())
+    spec = importlib.util.spec_from_file_location("SALTSegment", MODULE_DIR / "SALTSegment.py")
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    bridge.ensure_converter_rules()
+    yield loaded
+    scene.Clear(1)
+
+
+@pytest.fixture(scope="module")
+def adapter(thalamus_crop, sample_image_path, sample_labels_path) -> Path:
+    """An untrained LoRA adapter for the sample's first segment, on the crop's axial slices."""
+    from SALTSegmentLib import preprocessing as pp
+    from SALTSegmentLib.adaptation import apply_method, preset_options
+    from SALTSegmentLib.adapter_io import AdapterMetadata, save_adapter
+    from SALTSegmentLib.models import load_model
+    from SALTSegmentLib.prompts import SegmentPrompts
+    from SALTSegmentLib.volume_io import read_image
+
+    _, _, segments = read_label_map(sample_labels_path)
+    model = load_model("lite_medsam")
+    config = apply_method(model, "lora", preset_options("lora", "default"))
+    volume, _ = read_image(sample_image_path)
+    metadata = AdapterMetadata(base_model="lite_medsam", base_weights_sha256=model.weights_sha256, input_size=256,
+                               method="lora", method_config=config,
+                               intensity=pp.parse_intensity("auto", volume).to_dict(), axis="axial",
+                               segments=AdapterMetadata.segments_to_dicts(segments[:1]))
+    return save_adapter(thalamus_crop / "module-lora.safetensors", model, SegmentPrompts(1), metadata)
+
+
+def _load(scene, thalamus_crop):
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "crop")
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(thalamus_crop / "image.nrrd"))
+    assert storage.ReadData(volume)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn")
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(thalamus_crop / "drawn.seg.nrrd"))
+    assert storage.ReadData(segmentation)
+    return volume, segmentation
+
+
+def _run(worker) -> object:
+    """Run the command the Logic built, as the QProcess would, and hand the outcome to its callback."""
+    driver = SubprocessWorker(worker.command, env=worker_environment(str(MODULE_DIR)))
+    outcome = driver.run(timeout=900)
+    worker.onFinished and worker.onFinished(outcome)
+    return outcome
+
+
+def test_propagate_keeps_every_drawn_slice_and_undoes_in_one_step(module, thalamus_crop, adapter):
+    volume, segmentation = _load(slicer.mrmlScene, thalamus_crop)
+    logic = module.SALTSegmentLogic()
+    logic.currentAdapter = str(adapter)
+    thalamus = bridge.segment_ids(segmentation)[0]
+    shape = bridge.volume_to_array(volume)[0].shape
+    matrix = bridge.volume_ijk_to_ras(volume)
+    # a slice drawn after the adapter was chosen, on a segment nobody "checked" (Propagate takes no selection)
+    mask = bridge.segment_mask(segmentation, thalamus, shape, matrix)
+    mask[4, 40:44, 50:54] = 1
+    image = bridge._oriented_image(mask, matrix)
+    logic_ = slicer.vtkSlicerSegmentationsModuleLogic
+    assert logic_.SetBinaryLabelmapToSegment(image, segmentation, thalamus, logic_.MODE_REPLACE, image.GetExtent())
+    before = bridge.segmentation_to_label_map(segmentation, volume).array
+
+    text, problem = logic.adapterSummary(volume)
+    assert problem is None and "Thalamus_L" in text
+    assert "voxel axis k, the axial plane" in logic.propagationAxisText(volume, "axial")
+    assert "not the coronal plane" in logic.propagationAxisText(volume, "coronal")
+    assert logic.propagationSliceCount(volume) == 8
+
+    worker = logic.startPropagation(volume, segmentation, {"mode": "box", "device": "cpu", "replace": True})
+    command = worker.command
+    assert command[command.index("--stop-file") + 1].endswith("stop")
+    labels, _, _ = read_label_map(command[command.index("--labels") + 1])
+    assert bridge.labelled_slices(labels, 0) == [2, 4, 6]
+    folder = logic.pendingResult["folder"]
+
+    outcome = _run(worker)
+    assert outcome.status == "ok", outcome.message
+    summary = logic.applyPropagationResult(outcome)
+    assert "Thalamus_L updated" in summary and not os.path.exists(folder)
+    after = bridge.segmentation_to_label_map(segmentation, volume).array
+    for k in (2, 4, 6):
+        assert np.array_equal(after[k], before[k]), f"drawn slice {k} changed"
+    assert not np.array_equal(after, before), "propagation wrote nothing"
+
+    assert logic.undoPoint is not None
+    logic.undoPropagation()
+    assert np.array_equal(bridge.segmentation_to_label_map(segmentation, volume).array, before)
+    with pytest.raises(ValueError, match="no propagation to undo"):
+        logic.undoPropagation()
+
+
+def test_box_propagation_without_drawing_is_refused_before_any_work(module, thalamus_crop, adapter):
+    volume, _ = _load(slicer.mrmlScene, thalamus_crop)
+    empty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
+    logic = module.SALTSegmentLogic()
+    logic.currentAdapter = str(adapter)
+    with pytest.raises(ValueError, match="none of the adapter's segments"):
+        logic.startPropagation(volume, empty, {"mode": "box"})
+    assert os.listdir(slicer.app.temporaryPath) == []   # its run folder is gone too
+    worker = logic.startPropagation(volume, empty, {"mode": "auto", "first": 2, "last": 5})
+    assert "--labels" not in worker.command and "--range=2:5" in worker.command
+    logic.discardPropagation()
+
+
+def test_training_keeps_only_the_adapter_and_a_cancelled_run_nothing_else(module, thalamus_crop):
+    volume, segmentation = _load(slicer.mrmlScene, thalamus_crop)
+    logic = module.SALTSegmentLogic()
+    ids = bridge.segment_ids(segmentation)
+    finished = []
+    worker = logic.startTraining(volume, segmentation, ids, {"method": "lora", "steps": 1, "device": "cpu",
+                                                             "axis": "axial"}, onFinished=finished.append)
+    assert worker.kind == "train" and "--stop-file" in worker.command
+    outcome = _run(worker)
+    assert outcome.status == "ok", outcome.message
+    assert finished == [outcome]
+    folder = os.path.dirname(logic.currentAdapter)
+    assert os.listdir(folder) == ["adapter.safetensors"]           # the volume copies are gone
+    logic.cleanup()
+    assert os.path.exists(logic.currentAdapter)                    # the current adapter stays
+    empty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    empty.GetSegmentation().AddEmptySegment("nothing", "nothing")
+    with pytest.raises(ValueError, match="no drawn voxels on this slice axis"):
+        logic.startTraining(volume, empty, ["nothing"], {})
+    assert sorted(os.listdir(slicer.app.temporaryPath)) == [os.path.basename(folder)]  # no folder left behind
+
+
+def test_library_models_dependencies_and_panel_state(module, tmp_path, adapter):
+    logic = module.SALTSegmentLogic()
+    (Path(logic.adapterFolder()) / "broken.safetensors").write_bytes(b"\x00" * 64)
+    logic.addToLibrary(str(adapter), "thalamus")
+    entries = {entry["name"]: entry for entry in logic.listAdapters()}
+    assert entries["thalamus"]["segment_names"] == ["Thalamus_L"] and entries["thalamus"]["axis"] == "axial"
+    assert entries["broken"]["details"].startswith("not usable")
+    with pytest.raises(Exception, match="not a safetensors file|too short|truncated"):
+        logic.addToLibrary(str(Path(logic.adapterFolder()) / "broken.safetensors"), "again")
+
+    assert not logic.modelStatus("lite_medsam")["downloadable"]
+    assert logic.modelStatus("sam_vit_b")["downloadable"]
+    assert logic.modelStatus("medsam_vit_b")["text"].startswith("needs a local weights file")
+    assert logic.missingDependencies() == []   # this environment has every requirement
+    if sys.version_info < (3, 12):
+        assert "Python 3.12" in logic.versionProblem()
+
+    state = module.PanelState(method="lora", device="mps", adapter=str(adapter))
+    volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    logic.writePanelState(state, {"InputVolume": volume, "Segmentation": None, "ReferenceSegmentation": None})
+    values, nodes = logic.readPanelState()
+    assert module.PanelState.from_parameters(values) == state and nodes["InputVolume"] is volume
