@@ -69,7 +69,9 @@ def test_old_slicer_gets_a_clear_message():
     assert dependencies.version_problem((5, 10), (3, 12)) is None
     assert dependencies.version_problem((5, 12, 1), (3, 12, 10)) is None
     message = dependencies.version_problem((5, 8), (3, 9))
-    assert "5.10 or later" in message and "Python 3.12" in message and "5.8" in message
+    assert "5.10 or later (Python 3.12)" in message and "Slicer 5.8 with Python 3.9" in message
+    assert "Python 3.10 or later" in message
+    assert dependencies.version_problem((5, 10), (3, 9)) is not None  # a custom build with an old Python
 
 
 def test_requirements_are_checked_against_installed_versions(tmp_path):

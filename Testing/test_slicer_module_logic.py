@@ -213,11 +213,32 @@ def test_library_models_dependencies_and_panel_state(module, tmp_path, adapter):
     assert logic.modelStatus("sam_vit_b")["downloadable"]
     assert logic.modelStatus("medsam_vit_b")["text"].startswith("needs a local weights file")
     assert logic.missingDependencies() == []   # this environment has every requirement
-    if sys.version_info < (3, 12):
-        assert "Python 3.12" in logic.versionProblem()
+    assert logic.versionProblem() is None                    # Slicer 5.10 (the fake app) with this Python
+    slicer.app.minorVersion = 8
+    assert "needs 3D Slicer 5.10 or later" in logic.versionProblem()
 
     state = module.PanelState(method="lora", device="mps", adapter=str(adapter))
     volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
     logic.writePanelState(state, {"InputVolume": volume, "Segmentation": None, "ReferenceSegmentation": None})
     values, nodes = logic.readPanelState()
     assert module.PanelState.from_parameters(values) == state and nodes["InputVolume"] is volume
+
+
+def test_a_worker_that_fails_to_start_frees_the_panel(module):
+    """QProcess reports a failed start through errorOccurred; the outcome must reach onFinished, and the widget
+    must hold the worker before starting it (or the callback that frees the panel runs before it holds it)."""
+    outcomes = []
+    worker = module.QProcessWorker("train", ["/no/such/PythonSlicer", "-m", "SALTSegmentLib.cli"], {},
+                                   onFinished=outcomes.append)
+    qt = sys.modules["qt"]
+    worker.process.errorString.return_value = ""
+    worker._error(qt.QProcess.FailedToStart)
+    worker._error(qt.QProcess.FailedToStart)      # reported once only
+    assert [o.status for o in outcomes] == ["error"]
+    assert "/no/such/PythonSlicer" in outcomes[0].message and "unknown reason" in outcomes[0].message
+
+    import ast
+    import inspect
+    source = inspect.getsource(module.SALTSegmentWidget.startJob)
+    lines = [ast.unparse(node) for node in ast.parse(source.strip()).body[0].body]
+    assert lines.index("self.worker = worker") < lines.index("worker.start()")

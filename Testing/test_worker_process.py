@@ -182,3 +182,42 @@ def test_sigterm_stops_a_child_that_saves_and_exits_3(tmp_path):
     assert outcome.message.endswith(str(adapter))
     assert adapter.read_text() == "saved"
     assert 2 <= worker.monitor.step < 1000
+
+
+def test_monitor_keeps_json_documents_and_reports_downloads():
+    monitor = wp.WorkerMonitor()
+    monitor.feed('{"dice": {"liver": 0.9}}\n[{"id": "lite_medsam", "available": true}]\n')
+    assert monitor.document == [{"id": "lite_medsam", "available": True}] and monitor.log == []
+    assert monitor.outcome(0).document == monitor.document
+    download = wp.WorkerMonitor()
+    download.feed('{"event": "start", "command": "download", "total": 0, "pid": 4242}\n'
+                  '{"event": "progress", "phase": "download", "step": 125000000, "total": 375000000}\n')
+    assert download.pid == 4242
+    assert download.progress_text() == "Downloading: 125 of 375 MB"
+    assert abs(download.fraction - 1 / 3) < 1e-9
+
+
+@pytest.mark.parametrize("text,expected", [("", "fallback"), ("\n  \n", "fallback"), (None, "fallback"),
+                                           ("first\nlast line\n\n", "last line")])
+def test_last_line_never_fails_on_empty_output(text, expected):
+    assert wp.last_line(text, "fallback") == expected
+
+
+def test_cancel_plan_waits_for_a_step_then_gives_up(tmp_path):
+    stop_file = tmp_path / "stop"
+    plan = wp.CancelPlan(str(stop_file))
+    monitor = wp.WorkerMonitor()
+    assert plan.request(monitor) == 3 * wp.CancelPlan.MIN_GRACE_S   # no step timed yet: the model may be loading
+    assert stop_file.read_text() == "stop\n" and plan.requested
+    monitor.feed('{"event": "progress", "phase": "train", "step": 4, "total": 40, "elapsed_s": 20.0}\n')
+    assert wp.CancelPlan.grace_seconds(monitor) == 8 * 5.0 + 10
+    monitor.feed('{"event": "progress", "phase": "train", "step": 5, "total": 40, "elapsed_s": 1000.0}\n')
+    assert wp.CancelPlan.grace_seconds(monitor) == wp.CancelPlan.MAX_GRACE_S
+    assert wp.CancelPlan(None).request(monitor) == 0.0             # nothing to save: end it at once
+
+
+def test_a_killed_worker_reads_as_cancelled():
+    monitor = wp.WorkerMonitor()
+    monitor.feed('{"event": "progress", "phase": "propagate", "step": 3, "total": 62}\n')
+    assert monitor.outcome(-9, cancelled=True).status == "cancelled"
+    assert monitor.outcome(-9).status == "error"

