@@ -145,3 +145,16 @@ def test_dice_symmetric_and_bounded(a, b):
     assert 0.0 <= value <= 1.0
     if a.any():
         assert dice(a, a) == 1.0
+
+
+def test_a_segment_missing_from_the_prediction_scores_zero_and_is_named():
+    ref = np.zeros((6, 10, 10), np.uint8)
+    ref[1:3, 2:5, 2:5] = 1
+    ref[4:6, 6:9, 6:9] = 2
+    segments = [Segment(1, "kept"), Segment(2, "absent")]
+    report = evaluate_label_maps(ref.copy(), ref, segments, (1.0, 1.0, 1.0), missing={"absent"})
+    scores = {s.name: s for s in report.segments}
+    assert scores["kept"].dice == 1.0 and not scores["kept"].missing
+    assert scores["absent"].dice == 0.0 and scores["absent"].missing and math.isnan(scores["absent"].hd95_mm)
+    assert scores["absent"].ref_voxels == 18 and report.mean_dice == 0.5
+    assert "missing" in format_table(report).splitlines()[3]

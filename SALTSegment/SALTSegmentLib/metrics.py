@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import Collection, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -104,6 +104,7 @@ class SegmentScore:
     hd95_mm: float
     ref_voxels: int
     pred_voxels: int
+    missing: bool = False   # the prediction has no segment of this name: scored Dice 0, never re-paired
 
 
 @dataclass
@@ -144,12 +145,15 @@ def _nan_mean(values: list[float]) -> float:
 
 def evaluate_label_maps(pred: np.ndarray, ref: np.ndarray, segments: list[Segment],
                         spacing_xyz: Sequence[float], axis: str = "axial",
-                        exclude_slices: Optional[set[int]] = None) -> EvaluationReport:
+                        exclude_slices: Optional[set[int]] = None,
+                        missing: Collection[str] = ()) -> EvaluationReport:
     """Score a predicted label map against a reference, segment by segment.
 
     ``exclude_slices`` (indices along ``axis``) are left out of every score,
     including the per-slice rows, so slices the user labelled by hand do not
-    inflate the accuracy of the propagated ones.
+    inflate the accuracy of the propagated ones. Segments named in
+    ``missing`` are absent from the prediction: Dice 0 and no HD95, whatever
+    the reference holds, so a missing segment never looks perfect.
     """
     pred, ref = np.asarray(pred), np.asarray(ref)
     _require_same_shape(pred, ref)
@@ -171,8 +175,13 @@ def evaluate_label_maps(pred: np.ndarray, ref: np.ndarray, segments: list[Segmen
 
     segment_scores, slice_scores = [], []
     for segment in segments:
-        p = (pred == segment.label) & keep
         r = (ref == segment.label) & keep
+        if segment.name in missing:
+            segment_scores.append(SegmentScore(label=int(segment.label), name=segment.name, dice=0.0,
+                                               hd95_mm=float("nan"), ref_voxels=int(r.sum()), pred_voxels=0,
+                                               missing=True))
+            continue
+        p = (pred == segment.label) & keep
         segment_scores.append(SegmentScore(
             label=int(segment.label), name=segment.name, dice=dice(p, r), hd95_mm=hd95(p, r, spacing),
             ref_voxels=int(r.sum()), pred_voxels=int(p.sum())))
@@ -196,8 +205,8 @@ def _number(value: float, digits: int) -> str:
 def format_table(report: EvaluationReport) -> str:
     """Aligned plain-text table of the segment scores and their mean, for a terminal."""
     header = ("Segment", "Dice", "HD95 mm", "Ref voxels", "Pred voxels")
-    rows = [(s.name, _number(s.dice, 4), _number(s.hd95_mm, 2), str(s.ref_voxels), str(s.pred_voxels))
-            for s in report.segments]
+    rows = [(s.name, _number(s.dice, 4), _number(s.hd95_mm, 2), str(s.ref_voxels),
+             "missing" if s.missing else str(s.pred_voxels)) for s in report.segments]
     rows.append(("Mean", _number(report.mean_dice, 4), _number(report.mean_hd95_mm, 2), "", ""))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 

@@ -255,7 +255,8 @@ def _markdown(name: str, summary: dict, evaluation: Optional[dict]) -> str:
         lines += ["## Details", "", *_table(("Field", "Value"), rows, (False, False)), ""]
     if evaluation is not None:
         rows = [(_cell(s["name"]), _cell(s["label"]), _number(s["dice"], 4), _number(s["hd95_mm"], 2),
-                 _cell(s["ref_voxels"]), _cell(s["pred_voxels"])) for s in evaluation["segments"]]
+                 _cell(s["ref_voxels"]), "missing" if s.get("missing") else _cell(s["pred_voxels"]))
+                for s in evaluation["segments"]]
         rows.append(("**Mean**", "", _number(evaluation["mean_dice"], 4),
                      _number(evaluation["mean_hd95_mm"], 2), "", ""))
         lines += ["## Segmentation accuracy", "",
