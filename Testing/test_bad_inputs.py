@@ -34,7 +34,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SALTSegmentLib.volume_io import VolumeGeometry, read_label_map, write_label_map
+from SALTSegmentLib.volume_io import Segment, VolumeGeometry, read_label_map, write_label_map
 
 PREVIOUS = b"previous output: must survive a failed run\n"
 CROP_FIRST, CROP_COUNT = 28, 8
@@ -70,7 +70,8 @@ CASES = [
     Case("constant image", ["--image", "{constant}", "--labels", "{drawn}"], r"The image is constant"),
     Case("all-NaN image", ["--image", "{all_nan}", "--labels", "{drawn}"], r"no finite values \(all NaN or Inf\)"),
     Case("volume too big for memory (header only)", ["--image", "{huge_header}", "--labels", "{drawn}"],
-         r"Training on this 4000 x 4000 x 4000 volume needs about [\d.]+ GiB of memory but only", hint="crop"),
+         r"Training on this 4000 x 4000 x 4000 volume needs about [\d.]+ GiB of memory \(volume [\d.]+ GiB, .*\) "
+         r"but only", hint="crop"),
     # --- label maps
     Case("labels: other size", [*TRAIN[:2], "--labels", "{labels_size}"], r"not on the image grid \(size ",
          hint="--resample-labels"),
@@ -107,6 +108,32 @@ CASES = [
          r"Output folder does not exist: .*no_such_folder", out=""),
     Case("output folder is a file", [*TRAIN, "--out", "{garbage_nrrd}/a.safetensors"],
          r"Output folder is a file, not a folder", out=""),
+    # --- outputs that are inputs: refused before anything is read or written
+    Case("train: --out is the --labels file", [*TRAIN, "--out", "{drawn}"],
+         r"The output .*drawn\.seg\.nrrd is the --labels input \(.*\); writing it would destroy the input", out="",
+         hint="choose another --out"),
+    Case("train: --out is the image, spelt with ./", [*TRAIN, "--out", "{case}/./image.nrrd"],
+         r"is the --image input", out=""),
+    Case("train: --out is the labels, spelt through the parent folder", [*TRAIN, "--out", "{via_parent}/drawn.seg.nrrd"],
+         r"is the --labels input", out=""),
+    Case("train: --out is a symbolic link to the labels", [*TRAIN, "--out", "{drawn_symlink}"],
+         r"drawn_symlink\.seg\.nrrd is the --labels input", out=""),
+    Case("train: --out is a hard link to the labels", [*TRAIN, "--out", "{drawn_hardlink}"],
+         r"drawn_hardlink\.seg\.nrrd is the --labels input", out=""),
+    Case("train: --out is the weights file", [*TRAIN, "--model", "medsam_vit_b", "--weights", "{small_pth}",
+                                               "--out", "{small_pth}"], r"small\.pth is the --weights input", out=""),
+    Case("train: adapter output not .safetensors", TRAIN,
+         r"Cannot write an adapter to 'out\.nrrd': adapter files end in \.safetensors", out="out.nrrd",
+         hint="adapter.safetensors"),
+    Case("propagate: --out is the image", [*PROPAGATE, "--out", "{image}"], r"image\.nrrd is the --image input",
+         command="propagate", out=""),
+    Case("propagate: --out is the labels", [*PROPAGATE, "--labels", "{drawn}", "--out", "{drawn}"],
+         r"is the --labels input", command="propagate", out=""),
+    Case("propagate: --out is the adapter", [*PROPAGATE, "--out", "{adapter}"], r"is the --adapter input",
+         command="propagate", out=""),
+    Case("propagate: the output's data file is the image's", ["--image", "{image_nhdr}", "--adapter", "{adapter}",
+                                                              "--out", "{case}/b.nhdr"],
+         r"b\.nhdr writes b\.raw\.gz, which is the --image input", command="propagate", out=""),
     # --- adapters (propagate)
     Case("adapter: garbage bytes", ["--image", "{image}", "--adapter", "{garbage_nrrd}"],
          r"is not a safetensors file", command="propagate", out="seg.seg.nrrd", hint="saltsegment train"),
@@ -126,12 +153,16 @@ CASES = [
     # --- propagate settings
     Case("slice range outside the volume", [*PROPAGATE, "--range", "5:99"], r"Slice range 5:99 is outside 0:7",
          command="propagate", out="seg.seg.nrrd"),
-    Case("labels share no segment with the adapter", [*PROPAGATE, "--labels", "{plain_drawn}"],
-         r"None of the adapter's segments \(Thalamus_L\) is drawn", command="propagate", out="seg.seg.nrrd"),
+    Case("labels share no segment name with the adapter", [*PROPAGATE, "--labels", "{liver_seg}"],
+         r"None of the adapter's segments \(Thalamus_L\) is drawn in liver\.seg\.nrrd \(matched by name; its "
+         r"segments: Liver\)", command="propagate", out="seg.seg.nrrd", hint="--match-by value"),
+    Case("negative slice in --range", [*PROPAGATE, "--range", "-1:5"], r"Slice range -1:5 is outside 0:7",
+         command="propagate", out="seg.seg.nrrd"),
     Case("unknown output file type", [*PROPAGATE, "--out", "{case}/seg.txt"], r"Cannot write a label map to 'seg.txt'",
          command="propagate", out=""),
     Case("propagation too big for the memory limit", PROPAGATE,
-         r"Propagating 1 segment over this 124 x 116 x 8 volume needs about \d+ MiB of memory but only 1 MiB",
+         r"Propagating 1 segment over this 124 x 116 x 8 volume needs about [\d.]+ GiB of memory \(runtime .*\) "
+         r"but only 1 MiB",
          command="propagate", out="seg.seg.nrrd", env={"SALTSEGMENT_MEMORY_LIMIT_BYTES": "1000000"}, hint="--range"),
     # --- evaluate
     Case("evaluate: grids differ", ["--pred", "{labels_moved}", "--ref", "{drawn}"],
@@ -203,7 +234,15 @@ def inputs(tmp_path_factory, sample_image_path, sample_labels_path) -> dict[str,
     files["with_empty_segment"] = write_label_map(case / "two_segments.seg.nrrd", drawn, geometry, segments[:2])
     files["empty_seg"] = write_label_map(case / "empty.seg.nrrd", np.zeros_like(drawn), geometry, segments[:1])
     files["empty_plain"] = _write(np.zeros_like(drawn), case / "empty_plain.nrrd", crop)
-    files["plain_drawn"] = _write(drawn, case / "plain_drawn.nrrd", crop)
+    files["liver_seg"] = write_label_map(case / "liver.seg.nrrd", drawn, geometry, [Segment(1, "Liver")])
+    files["drawn_symlink"] = case / "drawn_symlink.seg.nrrd"
+    files["drawn_symlink"].symlink_to(files["drawn"])
+    files["drawn_hardlink"] = case / "drawn_hardlink.seg.nrrd"
+    os.link(files["drawn"], files["drawn_hardlink"])
+    files["via_parent"] = Path(f"{case}/../{case.name}")
+    # a detached image whose header (a.nhdr) names another data file (b.raw.gz)
+    sitk.WriteImage(crop, str(case / "b.nhdr"), useCompression=True)
+    files["image_nhdr"] = (case / "b.nhdr").rename(case / "a.nhdr")
 
     # images
     files["garbage_nrrd"] = case / "garbage.nrrd"
@@ -446,30 +485,18 @@ def test_adapter_files_that_are_not_adapters(inputs, tmp_path):
 
 # --------------------------------------------------------------------------- memory estimate
 
-def test_memory_estimates_grow_with_the_volume_and_segments():
-    from SALTSegmentLib.preflight import propagation_memory_bytes, training_memory_bytes
-
-    small = propagation_memory_bytes(100_000, 2, 10, box_mode=False)
-    assert propagation_memory_bytes(200_000, 2, 10, box_mode=False) == 2 * small
-    assert propagation_memory_bytes(100_000, 5, 10, box_mode=False) > small
-    assert propagation_memory_bytes(100_000, 2, 10, box_mode=True) > small
-    # a 512 x 512 x 300 CT with 10 segments: float16 probabilities alone are 1.5 GiB
-    assert propagation_memory_bytes(512 * 512 * 300, 10, 300, box_mode=False) > 1.5 * 1024 ** 3
-    assert training_memory_bytes(512 * 512 * 300) > 512 * 512 * 300 * 8
-
-
-def test_available_memory_reads_the_override_and_meminfo(monkeypatch):
-    from SALTSegmentLib.preflight import MEMORY_LIMIT_ENV, available_memory_bytes, check_memory
+def test_available_memory_reads_the_override_or_the_system(monkeypatch):
+    from SALTSegmentLib.preflight import MEMORY_LIMIT_ENV, MemoryEstimate, available_memory_bytes, check_memory
 
     monkeypatch.setenv(MEMORY_LIMIT_ENV, "2e9")
     assert available_memory_bytes() == 2_000_000_000
-    check_memory(10 ** 9, "it", "hint")
-    with pytest.raises(ValueError, match="needs about 2.8 GiB of memory but only 1.9 GiB"):
-        check_memory(3 * 10 ** 9, "it", "hint")
+    check_memory(MemoryEstimate({"model": 10 ** 9}), "it", "hint")
+    with pytest.raises(ValueError, match=r"needs about 2.8 GiB of memory \(volume 1.9 GiB, model 954 MiB\) "
+                                         r"but only 1.9 GiB"):
+        check_memory(MemoryEstimate({"model": 10 ** 9, "volume": 2 * 10 ** 9}), "it", "hint")
     monkeypatch.delenv(MEMORY_LIMIT_ENV)
-    available = available_memory_bytes()
-    if Path("/proc/meminfo").exists():
-        assert available is not None and available > 0
+    available = available_memory_bytes()  # psutil: what is free plus what this process holds, on every system
+    assert available is not None and available > 0
 
 
 # --------------------------------------------------------------------------- disk full, out of memory

@@ -49,6 +49,22 @@ def _slice_range(text: str) -> tuple[int, int]:
     return first, last
 
 
+# Options whose values may start with a minus sign; argparse would read "-1:5" as an option name.
+_NUMERIC_OPTIONS = ("--range", "--slices")
+_NUMERIC_VALUE = re.compile(r"-\d[\d:,\s-]*")
+
+
+def _attach_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--range -1:5`` -> ``--range=-1:5``, so a negative slice number reaches the range check."""
+    attached: list[str] = []
+    for item in argv:
+        if attached and attached[-1] in _NUMERIC_OPTIONS and _NUMERIC_VALUE.fullmatch(item):
+            attached[-1] = f"{attached[-1]}={item}"
+        else:
+            attached.append(item)
+    return attached
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -85,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .host.choices import PRECISIONS, RANK_PRESETS
     from .preprocessing import SLICE_AXES
     from .propagation import MODES
+    from .segment_matching import MATCH_MODES
 
     parser = argparse.ArgumentParser(prog="saltsegment", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -136,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="box (default with --labels): walk out from the labelled slices; "
                                 "auto (default without): learned prompts on every slice")
     propagate.add_argument("--range", type=_slice_range, dest="slice_range", help="FIRST:LAST slices (inclusive)")
+    propagate.add_argument("--match-by", choices=MATCH_MODES, default="auto",
+                           help="pair drawn segments with the adapter's by name or by label value "
+                                "(auto: by name, by value when the label map carries no names)")
     propagate.add_argument("--threshold", type=_probability, default=0.5)
     propagate.add_argument("--no-cleanup", action="store_true",
                            help="keep every connected component and do not bound segments by the labelled slices "
@@ -205,7 +225,8 @@ def _train(args, reporter, stop: StopRequest) -> int:
                            on_checkpoint=reporter.checkpoint, on_message=reporter.message,
                            on_ready=lambda: reporter.start("train", args.steps, device=args.device,
                                                            pid=os.getpid()))
-    summary = outcome.metadata.training
+    summary = dict(outcome.metadata.training,
+                   memory_estimate_mib=outcome.memory_estimate.to_dict() if outcome.memory_estimate else None)
     if outcome.result.interrupted:
         reporter.message(f"stopped after {outcome.result.steps_done} steps; adapter saved to {outcome.adapter_path}")
     reporter.result({"adapter": str(outcome.adapter_path)}, summary)
@@ -220,8 +241,9 @@ def _propagate(args, reporter, stop: StopRequest) -> int:
     config = PropagationConfig(mode=mode, slice_range=args.slice_range, threshold=args.threshold,
                                cleanup=not args.no_cleanup, device=args.device, precision=args.precision)
     job = PropagateJob(image=args.image, adapter=args.adapter, out=args.out, labels=args.labels,
-                       weights=args.weights, resample_labels=args.resample_labels, config=config)
-    outcome = run_propagation(job, on_progress=reporter.slices, should_stop=stop,
+                       weights=args.weights, resample_labels=args.resample_labels, match_by=args.match_by,
+                       config=config)
+    outcome = run_propagation(job, on_progress=reporter.slices, should_stop=stop, on_message=reporter.message,
                               on_ready=lambda: reporter.start("propagate", 0, device=args.device,
                                                               pid=os.getpid()))
     if outcome.result.interrupted:
@@ -229,7 +251,10 @@ def _propagate(args, reporter, stop: StopRequest) -> int:
         return EXIT_INTERRUPTED
     reporter.result({"segmentation": str(outcome.segmentation_path)},
                     {"slices": len(outcome.result.slices), "seconds": round(outcome.result.seconds, 2),
-                     "mode": mode, "kept_labelled_slices": outcome.labelled_slices})
+                     "mode": mode, "kept_labelled_slices": outcome.labelled_slices,
+                     "kept_drawn_segments": [{"name": k.segment.name, "label": k.segment.label,
+                                              "drawn_label": k.drawn_label} for k in outcome.kept_segments],
+                     "memory_estimate_mib": outcome.memory_estimate.to_dict() if outcome.memory_estimate else None})
     return EXIT_OK
 
 
@@ -392,7 +417,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .progress import make_reporter
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
     reporter = make_reporter(getattr(args, "progress", "bar"))
     stop = StopRequest(getattr(args, "stop_file", None))
     stop.install()

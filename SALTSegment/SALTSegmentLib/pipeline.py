@@ -17,8 +17,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import preprocessing as pp
-from .preflight import (check_label_map_suffix, check_memory, check_output_path, propagation_memory_bytes,
-                        training_memory_bytes)
+from .output_lock import output_lock
+from .devices import autocast_dtype, resolve_device
+from .preflight import (MemoryEstimate, check_adapter_suffix, check_label_map_suffix, check_memory,
+                        check_output_is_not_an_input, check_output_path, propagation_memory, training_memory)
 from .adapters import merge_adapters
 from .adapter_io import AdapterMetadata, LoadedAdapter, load_adapter, load_adapter_metadata, save_adapter
 from .metrics import EvaluationReport, evaluate_label_maps
@@ -27,8 +29,9 @@ from .propagation import (PropagationConfig, PropagationInputError, PropagationP
                           VolumePropagator)
 from .training import (FewShotData, FewShotTrainer, StepReport, TrainingConfig, TrainingInputError, TrainingResult,
                        check_training_data)
+from .segment_matching import SegmentMatch, match_segments
 from .volume_io import (Segment, VolumeGeometry, VolumeReadError, read_image, read_label_map, read_volume_info,
-                        write_label_map)
+                        unlisted_label_values, write_label_map)
 
 class GridMismatchError(ValueError):
     """The label map is not on the image's voxel grid."""
@@ -46,6 +49,12 @@ def _volume_info_checked(path: str | os.PathLike):
     if info is not None and len(info.size) != 3:
         raise VolumeReadError(f"{path} is {len(info.size)}D; a 3D volume is needed")
     return info
+
+
+def _memory_setting(device: str, precision: str) -> dict[str, bool]:
+    """Where a job's activations live and whether autocast halves its features (memory estimate inputs)."""
+    resolved = resolve_device(device)
+    return {"on_gpu": resolved.type != "cpu", "half_precision": autocast_dtype(resolved, precision) is not None}
 
 
 def _stop_if_requested(should_stop: Optional[Callable[[], bool]], message: str) -> None:
@@ -69,10 +78,22 @@ def resample_labels_to(labels: np.ndarray, label_geometry: VolumeGeometry, targe
     return sitk.GetArrayFromImage(resampled).astype(np.uint16)
 
 
+def warn_unlisted_values(labels: np.ndarray, segments: list[Segment], path: str | os.PathLike,
+                         on_message: Optional[Callable[[str], None]]) -> None:
+    """Say which label values a segmentation holds without listing them in its header (they are ignored)."""
+    unlisted = unlisted_label_values(labels, segments)
+    if unlisted and on_message is not None:
+        values = ", ".join(f"{value} ({count} voxels)" for value, count in unlisted.items())
+        on_message(f"warning: {Path(path).name} holds label value{'s' if len(unlisted) > 1 else ''} {values} "
+                   "that its header lists for no segment; those voxels are ignored")
+
+
 def read_labels_on_grid(labels_path: str | os.PathLike, geometry: VolumeGeometry,
-                       resample_labels: bool = False) -> tuple[np.ndarray, list[Segment]]:
+                       resample_labels: bool = False,
+                       on_message: Optional[Callable[[str], None]] = None) -> tuple[np.ndarray, list[Segment]]:
     """Read a label map for an image grid, refusing (or, if asked, resampling) one on another grid."""
     labels, label_geometry, segments = read_label_map(labels_path)
+    warn_unlisted_values(labels, segments, labels_path, on_message)
     differences = label_geometry.differences(geometry)
     if differences:
         if not resample_labels:
@@ -84,10 +105,11 @@ def read_labels_on_grid(labels_path: str | os.PathLike, geometry: VolumeGeometry
 
 
 def read_labelled_volume(image_path: str | os.PathLike, labels_path: str | os.PathLike,
-                         resample_labels: bool = False) -> LabelledVolume:
+                         resample_labels: bool = False,
+                         on_message: Optional[Callable[[str], None]] = None) -> LabelledVolume:
     """Read an image and its label map on the same grid (see :func:`read_labels_on_grid`)."""
     image, geometry = read_image(image_path)
-    labels, segments = read_labels_on_grid(labels_path, geometry, resample_labels)
+    labels, segments = read_labels_on_grid(labels_path, geometry, resample_labels, on_message)
     return LabelledVolume(image, geometry, labels, segments)
 
 
@@ -135,6 +157,21 @@ class TrainOutcome:
     adapter_path: Path
     result: TrainingResult
     metadata: AdapterMetadata
+    memory_estimate: Optional[MemoryEstimate] = None
+
+
+def _check_training_memory(job: TrainJob, size: tuple[int, ...], read_bytes: int, slices: Optional[int],
+                           segments: int, setting: dict[str, bool]) -> MemoryEstimate:
+    """Refuse a training run that would not fit; ``slices`` is None before the labels are read (1 assumed)."""
+    estimate = training_memory(int(np.prod(size, dtype=np.float64)), read_bytes, slices or 1, segments,
+                               model_id=job.model_id, method=job.config.method,
+                               input_size=get_spec(job.model_id).default_input, batch_size=job.config.batch_size,
+                               copies_per_slice=job.config.copies_per_slice, **setting)
+    labelled = f" {slices} labelled slice{'s' if slices != 1 else ''} of" if slices else ""
+    check_memory(estimate, f"Training on{labelled} this {' x '.join(map(str, size))} volume",
+                 "crop the volume around the labelled slices, label fewer slices, lower --batch-size, "
+                 "or close other programs")
+    return estimate
 
 
 def run_training(job: TrainJob, on_step: Optional[Callable[[StepReport], None]] = None,
@@ -147,25 +184,36 @@ def run_training(job: TrainJob, on_step: Optional[Callable[[StepReport], None]] 
     Every input is checked before the model is loaded (``on_ready`` is called
     then). A stop request before the first step raises :class:`JobStopped`
     and writes nothing (an existing file at ``job.out`` stays as it was); a
-    later one ends training at the next step and saves the adapter.
+    later one ends training at the next step and saves the adapter. The
+    output is never an input, and one run at a time writes it (a lock file
+    beside it).
     """
     out = check_output_path(job.out)
+    check_output_is_not_an_input(out, {"--image": job.image, "--labels": job.labels, "--weights": job.weights})
+    check_adapter_suffix(out)
+    with output_lock(out):
+        return _train_locked(job, out, on_step, should_stop, on_checkpoint, on_message, on_ready)
+
+
+def _train_locked(job: TrainJob, out: Path, on_step, should_stop, on_checkpoint, on_message,
+                  on_ready) -> TrainOutcome:
     get_spec(job.model_id)
     if job.weights is not None and not Path(job.weights).is_file():
         raise WeightsError(f"Weights file not found: {job.weights}")
     info = _volume_info_checked(job.image)
     _volume_info_checked(job.labels)
-    if info is not None:
-        check_memory(training_memory_bytes(info.voxels, info.bytes_per_component),
-                     f"Training on this {' x '.join(map(str, info.size))} volume",
-                     "crop the volume around the labelled slices, or close other programs")
-    volume = read_labelled_volume(job.image, job.labels, job.resample_labels)
+    setting = _memory_setting(job.config.device, job.config.precision)
+    if info is not None:  # the volume alone, from its header: a volume too large is refused before it is read
+        _check_training_memory(job, info.size, info.bytes_per_component, None, 1, setting)
+    volume = read_labelled_volume(job.image, job.labels, job.resample_labels, on_message)
     check_image_values(volume.image)
     segments = select_segments(volume.segments, job.segments)
     intensity = pp.parse_intensity(job.intensity, volume.image)
     data = FewShotData(volume.image, volume.labels, volume.geometry.spacing, segments, intensity,
                        job.axis, job.slices)
-    check_training_data(data)
+    labelled = check_training_data(data)
+    memory = _check_training_memory(job, volume.geometry.size, info.bytes_per_component if info else 4,
+                                    len(labelled), len(segments), setting)
     if on_ready is not None:
         on_ready()
     stopped = "stopped before the first training step; no adapter was written"
@@ -196,7 +244,7 @@ def run_training(job: TrainJob, on_step: Optional[Callable[[StepReport], None]] 
         raise JobStopped(stopped)  # a 0-step adapter is only the untrained model: keep what was there
     final = metadata(result, result.steps_done)
     save_adapter(out, model, trainer.prompts, final)
-    return TrainOutcome(out, result, final)
+    return TrainOutcome(out, result, final, memory)
 
 
 @dataclass
@@ -207,7 +255,20 @@ class PropagateJob:
     labels: Optional[str] = None
     weights: Optional[str] = None
     resample_labels: bool = False
+    match_by: str = "auto"   # how drawn segments meet the adapter's: auto, name or value (segment_matching)
     config: PropagationConfig = field(default_factory=PropagationConfig)
+
+
+@dataclass
+class KeptSegment:
+    """A drawn segment the adapter does not predict: written to the output exactly as drawn."""
+
+    segment: Segment     # name, colour and its label value in the output
+    drawn_label: int     # its label value in the user's label map (differs only when the adapter uses it)
+
+    def describe(self) -> str:
+        moved = f", written as label {self.segment.label}" if self.segment.label != self.drawn_label else ""
+        return f"{self.segment.name} (label {self.drawn_label}{moved})"
 
 
 @dataclass
@@ -216,6 +277,8 @@ class PropagateOutcome:
     result: PropagationResult
     segments: list[Segment]
     labelled_slices: list[int]
+    kept_segments: list[KeptSegment] = field(default_factory=list)
+    memory_estimate: Optional[MemoryEstimate] = None
 
 
 def labelled_slices_of(labels: np.ndarray, segments: list[Segment], axis: str) -> list[int]:
@@ -223,30 +286,79 @@ def labelled_slices_of(labels: np.ndarray, segments: list[Segment], axis: str) -
     return pp.occupied_slices(np.isin(labels, [s.label for s in segments]), axis)
 
 
-def match_user_labels(labels: np.ndarray, label_segments: list[Segment], adapter_segments: list[Segment]
-                      ) -> np.ndarray:
-    """Re-express the user's label map in the adapter's label values, matching segments by name."""
-    by_name = {s.name: s.label for s in label_segments}
-    matched = np.zeros_like(labels)
-    for segment in adapter_segments:
-        if segment.name in by_name:
-            matched[labels == by_name[segment.name]] = segment.label
-    return matched
+def keep_unpredicted_segments(unmatched: list[Segment], adapter_segments: list[Segment]) -> list[KeptSegment]:
+    """Give every drawn segment the adapter does not predict a label value in the output.
+
+    It keeps its own value when no adapter segment uses it, else takes the
+    lowest value used by no segment at all (drawn or predicted).
+    """
+    taken = {s.label for s in adapter_segments}
+    drawn_values = {s.label for s in unmatched}
+    kept = []
+    for segment in unmatched:
+        label = segment.label
+        if label in taken:
+            label = next(v for v in range(1, 1 << 16) if v not in taken and v not in drawn_values)
+        taken.add(label)
+        kept.append(KeptSegment(Segment(label, segment.name, segment.color), segment.label))
+    return kept
+
+
+def add_kept_segments(predicted: np.ndarray, drawn: np.ndarray, kept: list[KeptSegment]) -> np.ndarray:
+    """Write the kept segments' drawn voxels over the prediction (they are the user's, exactly as drawn)."""
+    if not kept:
+        return predicted
+    largest = max(k.segment.label for k in kept)
+    merged = predicted.astype(np.uint16 if largest > np.iinfo(predicted.dtype).max else predicted.dtype, copy=True)
+    for item in kept:
+        merged[drawn == item.drawn_label] = item.segment.label
+    return merged
+
+
+def _no_drawn_segment_error(labels_path: str, adapter_segments: list[Segment], match: SegmentMatch
+                            ) -> PropagationInputError:
+    names = ", ".join(s.name for s in adapter_segments)
+    drawn = ", ".join(s.name for s in match.unmatched_source) or "none"
+    error = PropagationInputError(f"None of the adapter's segments ({names}) is drawn in {Path(labels_path).name} "
+                                  f"(matched by {match.by}; its segments: {drawn}); "
+                                  "box propagation starts from the slices you drew")
+    if match.by == "name" and match.unmatched_source:
+        error.hint = "if its label values are the adapter's, pass --match-by value to pair segments by value"
+    else:
+        error.hint = "draw the adapter's segments on a few slices, or propagate without --labels (--mode auto)"
+    return error
+
+
+def _describe_value_match(labels_path: str, match: SegmentMatch, by: str) -> str:
+    why = "carries no segment names" if by == "auto" else "is matched by label value (--match-by value)"
+    return (f"{Path(labels_path).name} {why}: label values paired with the adapter's segments: "
+            f"{match.describe()}")
 
 
 def run_propagation(job: PropagateJob, loaded: Optional[LoadedAdapter] = None,
                     on_progress: Optional[Callable[[PropagationProgress], None]] = None,
                     should_stop: Optional[Callable[[], bool]] = None,
-                    on_ready: Optional[Callable[[], None]] = None) -> PropagateOutcome:
+                    on_ready: Optional[Callable[[], None]] = None,
+                    on_message: Optional[Callable[[str], None]] = None) -> PropagateOutcome:
     """Segment a volume with an adapter and write the label map (``.seg.nrrd`` keeps names).
 
     The output path, the adapter's metadata, the volume and the labels are
     checked before the model is loaded (``on_ready`` is called then). A stop
     request at any moment leaves nothing at ``job.out`` (the result says
-    ``interrupted``).
+    ``interrupted``). Drawn segments the adapter does not predict come back
+    unchanged (see :class:`KeptSegment`); ``on_message`` hears about them.
     """
     out = check_output_path(job.out)
+    check_output_is_not_an_input(out, {"--image": job.image, "--labels": job.labels, "--adapter": job.adapter,
+                                       "--weights": job.weights})
     check_label_map_suffix(out)
+    with output_lock(out):
+        return _propagate_locked(job, out, loaded, on_progress, should_stop, on_ready, on_message)
+
+
+def _propagate_locked(job: PropagateJob, out: Path, loaded, on_progress, should_stop, on_ready,
+                      on_message) -> PropagateOutcome:
+    say = on_message or (lambda text: None)
     if loaded is None:
         metadata = load_adapter_metadata(job.adapter)
     else:
@@ -255,14 +367,19 @@ def run_propagation(job: PropagateJob, loaded: Optional[LoadedAdapter] = None,
     info = _volume_info_checked(job.image)
     if job.labels is not None:
         _volume_info_checked(job.labels)
+    memory = None
     if info is not None:
         slices = info.size[2 - pp.slice_axis(metadata.axis)]
         if job.config.slice_range is not None:
             first, last = job.config.slice_range
             slices = max(0, last - first + 1)
-        check_memory(propagation_memory_bytes(info.voxels, len(segments), slices, job.config.mode == "box",
-                                              info.bytes_per_component, job.labels is not None),
-                     f"Propagating {len(segments)} segment{'s' if len(segments) != 1 else ''} over this {' x '.join(map(str, info.size))} volume",
+        memory = propagation_memory(info.voxels, info.bytes_per_component, len(segments), slices,
+                                    box_mode=job.config.mode == "box", with_labels=job.labels is not None,
+                                    model_id=metadata.base_model, method=metadata.method,
+                                    input_size=int(metadata.input_size), batch_size=job.config.batch_size,
+                                    **_memory_setting(job.config.device, job.config.precision))
+        check_memory(memory, f"Propagating {len(segments)} segment{'s' if len(segments) != 1 else ''} over this "
+                             f"{' x '.join(map(str, info.size))} volume",
                      "propagate part of the volume (--range FIRST:LAST), or close other programs")
     image, geometry = read_image(job.image)
     check_image_values(image)
@@ -272,21 +389,26 @@ def run_propagation(job: PropagateJob, loaded: Optional[LoadedAdapter] = None,
         if not 0 <= first <= last < count:
             raise PropagationInputError(
                 f"Slice range {first}:{last} is outside 0:{count - 1} along {metadata.axis}")
-    user_labels, labelled = None, []
+    drawn, user_labels, labelled, kept = None, None, [], []
     if job.labels is not None:
-        labels, label_segments = read_labels_on_grid(job.labels, geometry, job.resample_labels)
-        user_labels = match_user_labels(labels, label_segments, segments)
+        drawn, label_segments = read_labels_on_grid(job.labels, geometry, job.resample_labels, say)
+        match = match_segments(label_segments, segments, job.match_by)
+        user_labels = match.relabel(drawn)
         labelled = labelled_slices_of(user_labels, segments, metadata.axis)
         if job.config.mode == "box" and not labelled:
-            names = ", ".join(s.name for s in segments)
-            raise PropagationInputError(
-                f"None of the adapter's segments ({names}) is drawn in {Path(job.labels).name}; "
-                "box propagation starts from the slices you drew")
+            raise _no_drawn_segment_error(job.labels, segments, match)
+        if match.by == "value" and match.pairs:
+            say(_describe_value_match(job.labels, match, job.match_by))
+        kept = keep_unpredicted_segments(match.unmatched_source, segments)
+        if kept:
+            say(f"kept {len(kept)} drawn segment{'s' if len(kept) != 1 else ''} the adapter does not predict, "
+                f"as drawn: {'; '.join(k.describe() for k in kept)}")
     if on_ready is not None:
         on_ready()
     if loaded is None:
         if should_stop is not None and should_stop():
-            return PropagateOutcome(out, PropagationResult(np.zeros(0, np.uint16), [], 0.0, True), segments, labelled)
+            return PropagateOutcome(out, PropagationResult(np.zeros(0, np.uint16), [], 0.0, True), segments, labelled,
+                                    memory_estimate=memory)
         loaded = load_adapter(job.adapter, weights=job.weights)
         merge_adapters(loaded.model)  # plain weights again: propagation pays nothing for the adapter
     propagator = VolumePropagator(loaded.model, loaded.prompts, segments, metadata.intensity_mapping,
@@ -294,20 +416,27 @@ def run_propagation(job: PropagateJob, loaded: Optional[LoadedAdapter] = None,
     result = propagator.run(image, geometry.spacing, user_labels, labelled, on_progress, should_stop)
     if not result.interrupted and should_stop is not None and should_stop():
         result.interrupted = True  # a stop during the last slices or the clean-up: still write nothing
+    written = segments + [k.segment for k in kept]
     if not result.interrupted:
-        write_label_map(out, result.labels, geometry, segments)
-    return PropagateOutcome(out, result, segments, labelled)
+        result.labels = add_kept_segments(result.labels, drawn, kept)
+        write_label_map(out, result.labels, geometry, written)
+    return PropagateOutcome(out, result, written, labelled, kept, memory)
 
 
 def evaluate_files(pred_path: str | os.PathLike, ref_path: str | os.PathLike, axis: str = "axial",
                    exclude_slices: Optional[set[int]] = None) -> EvaluationReport:
-    """Compare two label maps on the same grid, matching segments by name (else by label value)."""
+    """Compare two label maps on the same grid, segment by segment.
+
+    Segments pair by name when both files carry names, else by label value
+    (:func:`match_segments`); a reference segment with no partner in the
+    prediction is scored as missing (Dice 0), and the others keep their pairs.
+    """
     pred, pred_geometry, pred_segments = read_label_map(pred_path)
     ref, ref_geometry, ref_segments = read_label_map(ref_path)
     differences = pred_geometry.differences(ref_geometry)
     if differences:
         raise GridMismatchError(f"Prediction and reference grids differ: {'; '.join(differences)}")
-    pred_by_name = {s.name: s.label for s in pred_segments}
-    if all(s.name in pred_by_name for s in ref_segments):
-        pred = match_user_labels(pred, pred_segments, ref_segments)
-    return evaluate_label_maps(pred, ref, ref_segments, ref_geometry.spacing, axis, exclude_slices)
+    match = match_segments(pred_segments, ref_segments)
+    missing = {s.name for s in match.missing_target}
+    return evaluate_label_maps(match.relabel(pred), ref, ref_segments, ref_geometry.spacing, axis, exclude_slices,
+                               missing=missing)

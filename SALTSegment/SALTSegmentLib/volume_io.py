@@ -163,6 +163,42 @@ def read_volume_info(path: str | os.PathLike) -> VolumeInfo | None:
     return VolumeInfo(tuple(int(v) for v in reader.GetSize()), components, int(bytes_per_component))
 
 
+# Detached formats: a text header plus a data file named in it (SimpleITK names it after the header).
+_DETACHED_DATA_SUFFIX = {".nhdr": ".raw.gz", ".mhd": ".zraw"}  # with compression, as the writers here use it
+_DATA_FILE_FIELDS = (("data file:", ".nhdr"), ("datafile:", ".nhdr"), ("elementdatafile", ".mhd"))
+
+
+def files_written_for(path: str | os.PathLike) -> list[Path]:
+    """Every file writing a volume to ``path`` creates: the path, and the data file of a detached format."""
+    path = Path(path)
+    for suffix, data_suffix in _DETACHED_DATA_SUFFIX.items():
+        if path.name.lower().endswith(suffix):
+            return [path, path.with_name(path.name[: -len(suffix)] + data_suffix)]
+    return [path]
+
+
+def files_of_volume(path: str | os.PathLike) -> list[Path]:
+    """The files a volume is read from: the path, and the data file its header names (``.nhdr``, ``.mhd``)."""
+    path = Path(path)
+    files = [path]
+    suffix = next((s for s in _DETACHED_DATA_SUFFIX if path.name.lower().endswith(s)), None)
+    if suffix is None or not path.is_file():
+        return files
+    try:
+        with open(path, encoding="latin-1") as header:
+            lines = [next(header, "") for _ in range(200)]
+    except OSError:
+        return files
+    for line in lines:
+        lowered = line.strip().lower()
+        for field, field_suffix in _DATA_FILE_FIELDS:
+            if field_suffix == suffix and lowered.startswith(field):
+                name = line.strip()[len(field):].strip().lstrip("=").strip()
+                if name and " " not in name and name.upper() not in ("LOCAL", "LIST"):
+                    files.append(path.parent / name)
+    return files
+
+
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, VolumeGeometry]:
     """Read a scalar 3D image (NIfTI, NRRD, MHA, ... or a DICOM series folder) as float32 (z, y, x)."""
     image = _read_sitk(path)
@@ -219,6 +255,17 @@ def read_label_map(path: str | os.PathLike) -> tuple[np.ndarray, VolumeGeometry,
         segments = [Segment(label=int(v), name=f"Segment_{int(v)}", color=default_color(int(v)))
                     for v in np.unique(array) if v != 0]
     return array, VolumeGeometry.from_image(image), segments
+
+
+def unlisted_label_values(array: np.ndarray, segments: list[Segment]) -> dict[int, int]:
+    """Label values (with their voxel counts) present in ``array`` that no segment lists.
+
+    A Slicer ``.seg.nrrd`` whose header misses a value leaves those voxels
+    out of every segment; the user should hear about it.
+    """
+    listed = {s.label for s in segments}
+    counts = np.bincount(np.asarray(array, dtype=np.uint16).ravel())
+    return {int(v): int(counts[v]) for v in np.flatnonzero(counts) if v != 0 and int(v) not in listed}
 
 
 def _image_from_array(array: np.ndarray, geometry: VolumeGeometry) -> sitk.Image:

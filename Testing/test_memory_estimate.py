@@ -1,0 +1,85 @@
+"""The memory pre-check against the peak of real ``saltsegment`` processes (``os.wait4``, ``ru_maxrss``).
+
+The estimate a run reports in its result event must lie within a factor 1.5
+of the peak resident memory the kernel measured for that process, for
+``train`` and ``propagate`` on the shared eight-slice crop. The calibration
+on the full sample and a 512 x 512 x 60 CT-sized volume is
+``scripts/measure_memory.py`` (too slow for the suite); its numbers are in
+``preflight.py``'s comments.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from SALTSegmentLib.preflight import propagation_memory, training_memory
+from SALTSegmentLib.worker_protocol import parse_line
+
+FACTOR = 1.5
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "wait4"), reason="measures peak memory with os.wait4 (POSIX)")
+
+
+def _peak_and_estimate(*args: str) -> tuple[float, float]:
+    """Run one CLI command; (peak RSS in MiB, the MiB its result event estimated)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SALTSEGMENT_")}
+    env["OMP_NUM_THREADS"] = "2"
+    with tempfile.TemporaryFile("w+") as stdout:
+        child = subprocess.Popen([sys.executable, "-m", "SALTSegmentLib.cli", *args, "--progress", "json"],
+                                 stdout=stdout, stderr=subprocess.PIPE, text=True, env=env)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        errors = child.stderr.read()
+        stdout.seek(0)
+        events = [event for event in map(parse_line, stdout.read().splitlines()) if event]
+    assert child.returncode == 0, errors
+    estimate = events[-1]["summary"]["memory_estimate_mib"]
+    peak = usage.ru_maxrss / 1024 if sys.platform != "darwin" else usage.ru_maxrss / 2 ** 20
+    return peak, estimate["total_mib"]
+
+
+@pytest.fixture(scope="module")
+def trained(thalamus_crop, tmp_path_factory) -> tuple[Path, float, float]:
+    adapter = tmp_path_factory.mktemp("memory") / "adapter.safetensors"
+    peak, estimate = _peak_and_estimate("train", "--image", str(thalamus_crop / "image.nrrd"), "--labels",
+                                        str(thalamus_crop / "drawn.seg.nrrd"), "--out", str(adapter), "--steps", "4")
+    return adapter, peak, estimate
+
+
+def test_training_estimate_is_within_a_factor_of_the_measured_peak(trained):
+    _, peak, estimate = trained
+    assert estimate / FACTOR <= peak <= estimate * FACTOR, (peak, estimate)
+
+
+@pytest.mark.parametrize("mode", ["auto", "box"])
+def test_propagation_estimate_is_within_a_factor_of_the_measured_peak(trained, thalamus_crop, tmp_path, mode):
+    adapter, _, _ = trained
+    peak, estimate = _peak_and_estimate("propagate", "--image", str(thalamus_crop / "image.nrrd"), "--adapter",
+                                        str(adapter), "--labels", str(thalamus_crop / "drawn.seg.nrrd"),
+                                        "--mode", mode, "--out", str(tmp_path / "seg.seg.nrrd"))
+    assert estimate / FACTOR <= peak <= estimate * FACTOR, (peak, estimate)
+
+
+def test_the_estimate_grows_with_what_a_job_holds():
+    ct = 512 * 512 * 60
+    base = training_memory(ct, 2, labelled_slices=5, segments=3)
+    assert training_memory(ct, 2, labelled_slices=15, segments=3).terms["augmented_bank"] == \
+        3 * base.terms["augmented_bank"]
+    assert training_memory(ct, 2, 5, 8).terms["augmented_bank"] > base.terms["augmented_bank"]
+    assert training_memory(ct, 2, 5, 3, batch_size=4).total > base.total
+    assert training_memory(ct, 2, 5, 3, on_gpu=True).terms["training_step"] == 0
+    assert training_memory(ct, 2, 5, 3, model_id="sam_vit_b", input_size=1024).total > 4 * base.total
+
+    auto = propagation_memory(ct, 2, 3, 60, box_mode=False, with_labels=False)
+    assert propagation_memory(ct, 2, 10, 60, box_mode=False, with_labels=False).terms["probability_maps"] == \
+        ct * 10 * 2
+    assert propagation_memory(ct, 2, 3, 60, box_mode=True, with_labels=True).total > auto.total
+    larger = propagation_memory(4 * ct, 2, 3, 60, box_mode=False, with_labels=False)
+    for term in ("volume", "probability_maps", "label_maps"):
+        assert larger.terms[term] == 4 * auto.terms[term]
