@@ -303,7 +303,8 @@ class SALTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volumeNode = self.ui.inputVolumeSelector.currentNode()
         segmentationNode = self.ui.segmentationSelector.currentNode()
         text = "-"
-        if volumeNode is not None and segmentationNode is not None and self.checkedSegmentIds():
+        if (volumeNode is not None and volumeNode.GetImageData() is not None and segmentationNode is not None
+                and self.checkedSegmentIds()):
             try:
                 slices, count = self.logic.labelledSlices(volumeNode, segmentationNode, self.checkedSegmentIds(),
                                                           self.ui.axisComboBox.currentText)
@@ -336,6 +337,8 @@ class SALTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         count = self.logic.propagationSliceCount(volumeNode)
         if count:
             self.ui.firstSliceSpinBox.maximum = self.ui.lastSliceSpinBox.maximum = count - 1
+            if not self.ui.lastSliceSpinBox.value and not self._updatingGUI:
+                self.ui.lastSliceSpinBox.value = count - 1
 
     # --- base model ---
 
@@ -825,7 +828,7 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
         slicer_bridge.write_parameters(self.getParameterNode(), state.to_parameters(), nodes)
 
     def onSceneClose(self):
-        self.pendingResult = None
+        self.discardPropagation()
         self.undoPoint = None
 
     # --- dependencies ---

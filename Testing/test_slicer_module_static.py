@@ -185,9 +185,40 @@ def test_engine_files_do_not_import_gui_modules(path):
     assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}; only slicer_bridge.py may"
 
 
+# The properties of Slicer's Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json, which allows no others
+# (so the minimum Slicer version cannot be written in the entry: it is in CMakeLists.txt, the README and the
+# module's dependency check, and the entry goes to the ExtensionsIndex branches of Slicer 5.10 and later).
+CATALOG_PROPERTIES = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+                      "build_subdirectory", "enabled", "tier"}
+
+
 def test_catalog_entry():
     import json
 
     entry = json.loads((REPO / "SALTSegment.json").read_text(encoding="utf-8"))
     assert entry["category"] == "Segmentation" and entry["build_dependencies"] == ["PyTorch"]
     assert entry["scm_url"].startswith("https://") and entry["scm_revision"]
+    assert set(entry) <= CATALOG_PROPERTIES and entry["$schema"].endswith("schema-v1.0.1.json#")
+
+
+def test_catalog_files_exist_where_the_extension_points():
+    """The ExtensionsIndex checker fetches the screenshot and wants a licence file at the root."""
+    top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    prefix = "https://raw.githubusercontent.com/saltsegment/SlicerSALTSegment/main/"
+    for variable in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        urls = re.search(variable + r' "([^"]+)"', top).group(1).split()
+        for url in urls:
+            assert url.startswith(prefix) and (REPO / url[len(prefix):]).is_file(), url
+    licence = (REPO / "LICENSE.txt").read_text(encoding="utf-8")
+    assert "Apache License" in licence and "Version 2.0, January 2004" in licence
+    assert 'license = "Apache-2.0"' in (REPO / "pyproject.toml").read_text(encoding="utf-8")
+
+
+def test_minimum_slicer_version_is_declared():
+    from SALTSegmentLib.host.dependencies import MINIMUM_SLICER
+
+    version = ".".join(map(str, MINIMUM_SLICER))
+    top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert f'SALTSegment_MINIMUM_SLICER_VERSION "{version}"' in top
+    assert "find_package(Slicer ${SALTSegment_MINIMUM_SLICER_VERSION}" in top
+    assert f"Slicer {version} or later" in (REPO / "README.md").read_text(encoding="utf-8")
