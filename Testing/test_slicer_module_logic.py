@@ -242,3 +242,27 @@ def test_a_worker_that_fails_to_start_frees_the_panel(module):
     source = inspect.getsource(module.SALTSegmentWidget.startJob)
     lines = [ast.unparse(node) for node in ast.parse(source.strip()).body[0].body]
     assert lines.index("self.worker = worker") < lines.index("worker.start()")
+
+
+def test_model_list_and_evaluation_run_in_the_worker(module, thalamus_crop, tmp_path, monkeypatch):
+    monkeypatch.setenv("SALTSEGMENT_CACHE", str(tmp_path / "empty-cache"))
+    logic = module.SALTSegmentLogic()
+    assert logic.modelStatus("sam_vit_b")["listable"]
+    worker = logic.startModelList()
+    assert worker.kind == "models" and worker.command[-2:] == ["models", "--json"]
+    assert _run(worker).status == "ok"
+    assert logic.modelStatus("sam_vit_b") == {"downloadable": True, "size_bytes": logic._modelInfo["sam_vit_b"][
+        "size_bytes"], "listable": False, "text": "download on request"}
+    download = logic.startDownload("sam_vit_b")
+    assert download.command[-4:] == ["--download", "sam_vit_b", "--progress", "json"] and download.plan.stop_file is None
+
+    volume, segmentation = _load(slicer.mrmlScene, thalamus_crop)
+    reference = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reference")
+    storage = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(thalamus_crop / "reference.seg.nrrd"))
+    assert storage.ReadData(reference)
+    worker = logic.startEvaluation(volume, segmentation, bridge.segment_ids(segmentation), reference)
+    outcome = _run(worker)
+    assert outcome.status == "ok", outcome.message
+    assert '"dice"' in logic.evaluationText(outcome)
+    assert os.listdir(slicer.app.temporaryPath) == []          # the exported copies are gone

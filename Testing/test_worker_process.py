@@ -221,3 +221,26 @@ def test_a_killed_worker_reads_as_cancelled():
     monitor.feed('{"event": "progress", "phase": "propagate", "step": 3, "total": 62}\n')
     assert monitor.outcome(-9, cancelled=True).status == "cancelled"
     assert monitor.outcome(-9).status == "error"
+
+
+def test_download_progress_is_reported_as_protocol_events(monkeypatch, capsys):
+    """``models --download ID --progress json``: start (with pid), throttled progress, result; no tqdm bar."""
+    import SALTSegmentLib.models as models
+    from SALTSegmentLib import cli
+
+    total = 400 * (1 << 20)
+
+    def fake_download(model_id, progress=None):
+        for done in range(1 << 20, total + 1, 1 << 20):   # 400 chunks of 1 MiB, as the real download calls it
+            progress(done, total)
+        return f"/cache/{model_id}.pth"
+
+    monkeypatch.setattr(models, "download_weights", fake_download)
+    assert cli.main(["models", "--download", "sam_vit_b", "--progress", "json"]) == 0
+    monitor = wp.WorkerMonitor()
+    events = monitor.feed(capsys.readouterr().out)
+    assert events[0]["event"] == "start" and events[0]["pid"] == os.getpid()
+    progress = [e for e in events if e["event"] == "progress"]
+    assert 1 <= len(progress) <= 101 and progress[-1]["step"] == total
+    outcome = monitor.outcome(0)
+    assert outcome.status == "ok" and outcome.outputs == {"weights": "/cache/sam_vit_b.pth"}
