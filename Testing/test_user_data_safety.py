@@ -3,7 +3,8 @@
 Drawn segments the adapter does not know come back unchanged; ``evaluate``
 pairs segments by name and names the missing ones; detached formats leave no
 temporary data file; two runs never write one output at once; outputs get
-the user's umask; a label map without names is paired by value, with a word.
+the user's umask; a label map without names is paired by value, and a value
+a ``.seg.nrrd`` header does not list is reported, each with a word.
 
 Propagation runs an untrained LoRA adapter (two segments, Thalamus_L = 1 and
 Thalamus_R = 2) on one slice of the shared eight-slice crop (``--mode auto
@@ -58,10 +59,8 @@ def case(thalamus_crop, sample_labels_path) -> Path:
     extra = drawn.copy()
     extra[1, 10:20, 10:30] = LESION.label     # slices 1 and 5: away from the propagated slice 3
     extra[5, 40:44, 60:70] = MARKER.label
+    extra[4, 5:8, 5:8] = 5                    # a value the header does not list
     write_label_map(folder / "with_extra.seg.nrrd", extra, geometry, [*drawn_segments, LESION, MARKER])
-    unlisted = drawn.copy()
-    unlisted[4, 5:8, 5:8] = 5
-    write_label_map(folder / "unlisted.seg.nrrd", unlisted, geometry, drawn_segments)
     plain = sitk.GetImageFromArray(drawn)
     geometry.apply_to(plain)
     sitk.WriteImage(plain, str(folder / "plain_drawn.nrrd"))
@@ -107,9 +106,12 @@ def test_drawn_segments_the_adapter_does_not_know_come_back_unchanged(case, tmp_
     assert {"name": "Marker", "label": 7, "drawn_label": 7} in kept
     assert any("Lesion (label 2, written as label" in text and "Marker (label 7)" in text
                for text in _messages(events)), events
+    assert any(text.startswith("warning: with_extra.seg.nrrd holds label value 5 (9 voxels) that its header lists "
+                               "for no segment") for text in _messages(events)), events
+    assert not (labels == 5).any()
 
 
-# --------------------------------------------------------------------------- pairing by value, unlisted values
+# --------------------------------------------------------------------------- pairing by value
 
 def test_a_plain_label_map_is_paired_by_value_with_a_message(case, tmp_path):
     code, events, errors = _run("propagate", "--image", str(case / "image.nrrd"),
@@ -120,13 +122,6 @@ def test_a_plain_label_map_is_paired_by_value_with_a_message(case, tmp_path):
     assert any("plain_drawn.nrrd carries no segment names" in text and "1 -> Thalamus_L" in text
                for text in _messages(events)), events
     assert events[-1]["summary"]["kept_labelled_slices"] == [2, 6]
-
-
-def test_a_value_the_header_does_not_list_is_reported(case, tmp_path):
-    code, events, errors = _propagate(case, tmp_path / "seg.seg.nrrd", "unlisted.seg.nrrd")
-    assert code == EXIT_OK, errors
-    assert any(text.startswith("warning: unlisted.seg.nrrd holds label value 5 (9 voxels) that its header lists "
-                               "for no segment") for text in _messages(events)), events
 
 
 # --------------------------------------------------------------------------- detached formats
@@ -143,11 +138,13 @@ def test_detached_outputs_leave_only_their_two_files(case, tmp_path, name, data_
     np.testing.assert_array_equal(labels, np.where(drawn > 0, 3, 0))
 
 
-def test_propagating_to_a_detached_format_twice_leaves_no_hidden_file(case, tmp_path):
-    for _ in range(2):
-        code, _, errors = _propagate(case, tmp_path / "seg.nhdr", "drawn.seg.nrrd")
-        assert code == EXIT_OK, errors
+def test_propagating_over_a_detached_output_leaves_no_hidden_file(case, tmp_path):
+    drawn, geometry, segments = read_label_map(case / "drawn.seg.nrrd")
+    write_label_map(tmp_path / "seg.nhdr", drawn, geometry, segments)  # a previous result
+    code, _, errors = _propagate(case, tmp_path / "seg.nhdr", "drawn.seg.nrrd")
+    assert code == EXIT_OK, errors
     assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.nhdr", "seg.raw.gz"]
+    read_label_map(tmp_path / "seg.nhdr")
 
 
 # --------------------------------------------------------------------------- file modes
@@ -231,6 +228,7 @@ def test_evaluate_pairs_by_name_and_names_the_missing_segment(tmp_path):
     reference[4:6, 2:6, 7:11] = 3
     write_label_map(tmp_path / "ref.seg.nrrd", reference, geometry, [left, right, caudate])
     swapped = np.select([reference == 1, reference == 2], [2, 1], 0).astype(np.uint8)  # same shapes, values swapped
+    swapped[0, 0, :4] = 9  # a value its header does not list
     write_label_map(tmp_path / "pred.seg.nrrd", swapped, geometry, [Segment(2, "Thalamus_L"), Segment(1, "Thalamus_R")])
 
     completed = subprocess.run([sys.executable, "-m", "SALTSegmentLib.cli", "evaluate", "--pred",
@@ -241,3 +239,5 @@ def test_evaluate_pairs_by_name_and_names_the_missing_segment(tmp_path):
     assert scores["Thalamus_L"]["dice"] == 1.0 and scores["Thalamus_R"]["dice"] == 1.0
     assert scores["Caudate_L"]["dice"] == 0.0 and scores["Caudate_L"]["missing"] is True
     assert not scores["Thalamus_L"]["missing"]
+    assert "warning: pred.seg.nrrd holds label value 9 (4 voxels) that its header lists for no segment" \
+        in completed.stderr

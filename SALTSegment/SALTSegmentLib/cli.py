@@ -263,7 +263,7 @@ def _evaluate(args) -> int:
     from .pipeline import evaluate_files
     from .report import json_safe
 
-    report = evaluate_files(args.pred, args.ref, axis=args.axis)
+    report = evaluate_files(args.pred, args.ref, axis=args.axis, on_message=lambda text: print(text, file=sys.stderr))
     if args.json:
         print(json.dumps(json_safe(report.to_dict())))
     else:

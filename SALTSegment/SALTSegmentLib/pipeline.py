@@ -377,7 +377,7 @@ def _propagate_locked(job: PropagateJob, out: Path, loaded, on_progress, should_
                                     box_mode=job.config.mode == "box", with_labels=job.labels is not None,
                                     model_id=metadata.base_model, method=metadata.method,
                                     input_size=int(metadata.input_size), batch_size=job.config.batch_size,
-                                    **_memory_setting(job.config.device, job.config.precision))
+                                    on_gpu=_memory_setting(job.config.device, job.config.precision)["on_gpu"])
         check_memory(memory, f"Propagating {len(segments)} segment{'s' if len(segments) != 1 else ''} over this "
                              f"{' x '.join(map(str, info.size))} volume",
                      "propagate part of the volume (--range FIRST:LAST), or close other programs")
@@ -424,7 +424,8 @@ def _propagate_locked(job: PropagateJob, out: Path, loaded, on_progress, should_
 
 
 def evaluate_files(pred_path: str | os.PathLike, ref_path: str | os.PathLike, axis: str = "axial",
-                   exclude_slices: Optional[set[int]] = None) -> EvaluationReport:
+                   exclude_slices: Optional[set[int]] = None,
+                   on_message: Optional[Callable[[str], None]] = None) -> EvaluationReport:
     """Compare two label maps on the same grid, segment by segment.
 
     Segments pair by name when both files carry names, else by label value
@@ -433,6 +434,8 @@ def evaluate_files(pred_path: str | os.PathLike, ref_path: str | os.PathLike, ax
     """
     pred, pred_geometry, pred_segments = read_label_map(pred_path)
     ref, ref_geometry, ref_segments = read_label_map(ref_path)
+    warn_unlisted_values(pred, pred_segments, pred_path, on_message)
+    warn_unlisted_values(ref, ref_segments, ref_path, on_message)
     differences = pred_geometry.differences(ref_geometry)
     if differences:
         raise GridMismatchError(f"Prediction and reference grids differ: {'; '.join(differences)}")

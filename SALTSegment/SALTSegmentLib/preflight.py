@@ -99,13 +99,13 @@ def check_label_map_suffix(path: Path) -> None:
 
 # --------------------------------------------------------------------------- memory
 #
-# Peak resident memory of a job, term by term. The constants were measured on
-# LiteMedSAM (2 CPU threads, bf16 autocast) as the peak RSS of real
-# ``saltsegment train`` / ``propagate`` processes (os.wait4, ru_maxrss) by
-# ``scripts/measure_memory.py``, on the embedded sample and on a 512 x 512 x 60
-# CT-sized volume; re-run it after changing training or propagation and
-# update the constants. The terms for the SAM ViTs are scaled from the
-# LiteMedSAM ones and are rougher.
+# Peak resident memory of a job, term by term. Measured (2 CPU threads, bf16
+# autocast) as the peak RSS of real ``saltsegment train`` / ``propagate``
+# processes (os.wait4, ru_maxrss) by ``scripts/measure_memory.py`` on the
+# embedded sample and on a 512 x 512 x 60 CT-sized volume with LiteMedSAM, and
+# in-process for SAM ViT-B (random weights) at 256 and 512 px; the ViT-B
+# terms at 1024 px and the ViT-L/H ones are extrapolated from those. Re-run the
+# script after changing training or propagation and update the constants.
 
 _MIB = 1 << 20
 # Python, torch, SimpleITK, scipy and the package itself, imported.
@@ -114,14 +114,19 @@ RUNTIME_BYTES = 800 * _MIB
 MODEL_CODE_BYTES = 200 * _MIB
 MODEL_BYTES_PER_PARAMETER = 8
 # What a method keeps beside the weights (SVD factors of adapted layers, gradients and optimiser moments).
-METHOD_BYTES_PER_PARAMETER = {"salt": 5, "ssam": 5, "lora": 1, "decoder": 2, "full": 16}
-VIT_B_PARAMETERS = 93.7e6
-# Activations of one training sample (forward and backward, the few segments decoded per slice) at 256 px,
-# and what a step holds whatever the batch (autograd bookkeeping, optimiser, allocator slack).
-TRAINING_SAMPLE_BYTES = {"lite_medsam": 1100 * _MIB, "vit": 1100 * _MIB}
+METHOD_BYTES_PER_PARAMETER = {"salt": 7, "ssam": 7, "lora": 1, "decoder": 2, "full": 16}
+# What a training step holds whatever the batch (autograd bookkeeping, optimiser, allocator slack).
 TRAINING_STEP_FIXED_BYTES = 450 * _MIB
-# Activations of encoding one slice without gradients (propagation encodes slices in chunks) at 256 px.
-INFERENCE_SLICE_BYTES = {"lite_medsam": 150 * _MIB, "vit": 150 * _MIB}
+# Activations of one training sample (forward and backward, the few segments decoded per slice) and of
+# encoding one slice without gradients (propagation encodes slices in chunks). LiteMedSAM runs at 256 px.
+LITE_TRAINING_SAMPLE_BYTES = 1100 * _MIB
+LITE_INFERENCE_SLICE_BYTES = 120 * _MIB
+# ViT-B, fitted as a fixed part, a part per token (16 px patch) and, for the global-attention blocks, a part
+# per token pair; ViT-L/H scale with depth x width.
+VIT_B_TRAINING_SAMPLE = (510 * _MIB, 0.38 * _MIB, 192)
+VIT_B_INFERENCE_SLICE = (20 * _MIB, 0.082 * _MIB, 48)
+VIT_SIZE_FACTOR = {"sam_vit_b": 1.0, "medsam_vit_b": 1.0, "sam_vit_l": 24 * 1024 / (12 * 768),
+                   "sam_vit_h": 32 * 1280 / (12 * 768)}
 # The bank's encoder features per augmented copy: TinyViT's frozen first stages' output (16384 x 128 at
 # 256 px, in the autocast dtype); for the ViTs the float32 input image itself.
 _TINYVIT_PREFIX_VALUES = 16384 * 128
@@ -149,19 +154,23 @@ class MemoryEstimate:
         return ", ".join(f"{name.replace('_', ' ')} {_gib(value)}" for name, value in largest)
 
 
-def _model_terms(model_id: str, method: str, input_size: int) -> tuple[dict[str, int], bool, float]:
-    """Runtime, model and method terms; whether it is TinyViT; how its activations scale from 256 px."""
+def _model_terms(model_id: str, method: str) -> dict[str, int]:
+    """Runtime, model and method terms."""
     from .models import get_spec
 
-    spec = get_spec(model_id)
-    parameters = spec.parameters_millions * 1e6
-    tiny = model_id == "lite_medsam"
-    # ViT activations grow with the encoder's size (depth x width, roughly its parameters) and the input area.
-    scale = (input_size / 256) ** 2 * (1.0 if tiny else parameters / VIT_B_PARAMETERS)
-    terms = {"runtime": RUNTIME_BYTES,
-             "model": int(MODEL_CODE_BYTES + parameters * MODEL_BYTES_PER_PARAMETER),
-             "adapter_state": int(parameters * METHOD_BYTES_PER_PARAMETER.get(method, 16))}
-    return terms, tiny, scale
+    parameters = get_spec(model_id).parameters_millions * 1e6
+    return {"runtime": RUNTIME_BYTES,
+            "model": int(MODEL_CODE_BYTES + parameters * MODEL_BYTES_PER_PARAMETER),
+            "adapter_state": int(parameters * METHOD_BYTES_PER_PARAMETER.get(method, 16))}
+
+
+def _activation_bytes(model_id: str, input_size: int, training: bool) -> int:
+    """Activations of one training sample, or of encoding one slice, for a model at ``input_size``."""
+    if model_id == "lite_medsam":
+        return LITE_TRAINING_SAMPLE_BYTES if training else LITE_INFERENCE_SLICE_BYTES
+    fixed, per_token, per_pair = VIT_B_TRAINING_SAMPLE if training else VIT_B_INFERENCE_SLICE
+    tokens = (input_size // 16) ** 2
+    return int((fixed + per_token * tokens + per_pair * tokens ** 2) * VIT_SIZE_FACTOR.get(model_id, 1.0))
 
 
 def training_memory(voxels: int, read_bytes: int, labelled_slices: int, segments: int, *,
@@ -174,22 +183,23 @@ def training_memory(voxels: int, read_bytes: int, labelled_slices: int, segments
     slice; it grows with the labelled slices and, through the masks, with
     the segments. On a GPU the step's activations live in GPU memory.
     """
-    terms, tiny, scale = _model_terms(model_id, method, input_size)
-    features = _TINYVIT_PREFIX_VALUES * (2 if half_precision else 4) if tiny else 3 * input_size ** 2 * 4
+    terms = _model_terms(model_id, method)
+    if model_id == "lite_medsam":
+        features = _TINYVIT_PREFIX_VALUES * (2 if half_precision else 4)
+    else:
+        features = 3 * input_size ** 2 * 4
     copy_bytes = features + segments * (_LOW_RES_TARGET_BYTES + 2 * 4 * input_size ** 2)
-    family = "lite_medsam" if tiny else "vit"
+    step = TRAINING_STEP_FIXED_BYTES + batch_size * _activation_bytes(model_id, input_size, training=True)
     terms.update(
         volume=int(voxels) * (read_bytes + 4 + 2 + 2),  # as read, float32 image, labels as read and as uint16
         augmented_bank=int(labelled_slices * copies_per_slice * copy_bytes),
-        training_step=0 if on_gpu else int((TRAINING_STEP_FIXED_BYTES + batch_size * TRAINING_SAMPLE_BYTES[family])
-                                           * scale))
+        training_step=0 if on_gpu else int(step))
     return MemoryEstimate(terms)
 
 
 def propagation_memory(voxels: int, read_bytes: int, segments: int, slices: int, *, box_mode: bool,
                        with_labels: bool, model_id: str = "lite_medsam", method: str = "salt",
-                       input_size: int = 256, batch_size: int = 4, half_precision: bool = True,
-                       on_gpu: bool = False) -> MemoryEstimate:
+                       input_size: int = 256, batch_size: int = 4, on_gpu: bool = False) -> MemoryEstimate:
     """Peak memory of a propagation: model, volume, per-segment probability maps, label maps, embeddings.
 
     Per voxel: the image and its mapped copy; float16 probabilities for
@@ -197,16 +207,16 @@ def propagation_memory(voxels: int, read_bytes: int, segments: int, slices: int,
     label map and the clean-up's components; with ``--labels``, the user's
     map, its re-expression and masks. Box mode keeps one embedding per slice.
     """
-    terms, tiny, scale = _model_terms(model_id, method, input_size)
-    embedding_side = input_size // 4 if tiny else input_size // 16
-    family = "lite_medsam" if tiny else "vit"
+    terms = _model_terms(model_id, method)
+    embedding_side = input_size // 4 if model_id == "lite_medsam" else input_size // 16
+    encoded_together = min(batch_size, max(int(slices), 1))
     terms.update(
         volume=int(voxels) * (read_bytes + 4 + 4),
         probability_maps=int(voxels) * int(segments) * 2,
         label_maps=int(voxels) * (8 + 2 + 1 + 2 + 2 + 4),
         drawn_labels=int(voxels) * (2 + 2 + 2 + 1) if with_labels else 0,
-        embeddings=int(slices) * 256 * embedding_side ** 2 * (2 if half_precision else 4) if box_mode else 0,
-        encoder=0 if on_gpu else int(min(batch_size, max(int(slices), 1)) * INFERENCE_SLICE_BYTES[family] * scale))
+        embeddings=int(slices) * 256 * embedding_side ** 2 * 4 if box_mode else 0,  # float32 even under autocast
+        encoder=0 if on_gpu else encoded_together * _activation_bytes(model_id, input_size, training=False))
     return MemoryEstimate(terms)
 
 
