@@ -1036,8 +1036,8 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
                                                                drawn_only_axis=arrayAxis)
                 if not exported.array.any():
                     labels = None
-            if mode == "box" and labels is None:
-                raise ValueError(f"Box propagation starts from your drawn slices, but none of the adapter's "
+            if mode != "auto" and labels is None:
+                raise ValueError(f"'{mode}' propagation starts from your drawn slices, but none of the adapter's "
                                  f"segments ({', '.join(metadata.segment_names)}) is drawn in this segmentation: "
                                  "draw a few slices, or choose 'auto' prompting")
             slicer_bridge.export_volume_file(volumeNode, image)
