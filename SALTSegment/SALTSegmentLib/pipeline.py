@@ -400,9 +400,6 @@ def _propagate_locked(job: PropagateJob, out: Path, loaded, on_progress, should_
         if match.by == "value" and match.pairs:
             say(_describe_value_match(job.labels, match, job.match_by))
         kept = keep_unpredicted_segments(match.unmatched_source, segments)
-        if kept:
-            say(f"kept {len(kept)} drawn segment{'s' if len(kept) != 1 else ''} the adapter does not predict, "
-                f"as drawn: {'; '.join(k.describe() for k in kept)}")
     if on_ready is not None:
         on_ready()
     if loaded is None:
@@ -420,6 +417,9 @@ def _propagate_locked(job: PropagateJob, out: Path, loaded, on_progress, should_
     if not result.interrupted:
         result.labels = add_kept_segments(result.labels, drawn, kept)
         write_label_map(out, result.labels, geometry, written)
+        if kept:
+            say(f"kept {len(kept)} drawn segment{'s' if len(kept) != 1 else ''} the adapter does not predict, "
+                f"as drawn: {'; '.join(k.describe() for k in kept)}")
     return PropagateOutcome(out, result, written, labelled, kept, memory)
 
 

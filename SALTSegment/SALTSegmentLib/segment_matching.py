@@ -42,8 +42,8 @@ class SegmentMatch:
         return matched
 
     def describe(self) -> str:
-        return ", ".join(f"{source.label} -> {target.name}" if self.by == "value" else target.name
-                         for source, target in self.pairs) or "none"
+        """The pairs as ``label -> target name``, for messages."""
+        return ", ".join(f"{source.label} -> {target.name}" for source, target in self.pairs) or "none"
 
 
 def match_segments(source: list[Segment], target: list[Segment], by: str = "auto") -> SegmentMatch:
