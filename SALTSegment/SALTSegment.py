@@ -28,8 +28,8 @@ from SALTSegmentLib.host import choices, dependencies, run_folders
 from SALTSegmentLib.host.adapter_metadata import AdapterFileError, load_adapter_metadata
 from SALTSegmentLib.host.panel_state import NODE_ROLES, PanelState
 from SALTSegmentLib.host.process_tree import kill_tree, pid_alive
-from SALTSegmentLib.host.worker_process import (CancelPlan, EvaluateSettings, ModelsSettings, PropagateSettings,
-                                                TrainSettings, WorkerMonitor, WorkerOutcome, last_line,
+from SALTSegmentLib.host.worker_driver import (CancelPlan, EvaluateCommand, ModelsCommand, PropagateCommand,
+                                                TrainCommand, WorkerMonitor, WorkerOutcome, last_line,
                                                 worker_command, worker_environment)
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -643,7 +643,7 @@ class LossPlot:
 class QProcessWorker:
     """Runs one CLI command in a QProcess, reports its protocol events, and cancels it for real.
 
-    Cancel follows :class:`~SALTSegmentLib.host.worker_process.CancelPlan`:
+    Cancel follows :class:`~SALTSegmentLib.host.worker_driver.CancelPlan`:
     the stop file first (the worker saves and exits at its next step), then,
     after the grace period or on a second request, the whole process tree
     (PythonSlicer's launcher forwards no signal to the interpreter).
@@ -812,9 +812,9 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
     def pythonExecutable():
         return shutil.which("PythonSlicer") or sys.executable
 
-    def worker(self, kind, settings, onProgress=None, onFinished=None):
-        command = worker_command(settings, python=self.pythonExecutable())
-        return QProcessWorker(kind, command, worker_environment(MODULE_DIR), settings.stop_file,
+    def worker(self, kind, cliCommand, onProgress=None, onFinished=None):
+        command = worker_command(cliCommand, python=self.pythonExecutable())
+        return QProcessWorker(kind, command, worker_environment(MODULE_DIR), cliCommand.stop_file,
                               onProgress, onFinished)
 
     def readPanelState(self):
@@ -904,7 +904,7 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
             if onFinished:
                 onFinished(outcome)
 
-        return self.worker("models", ModelsSettings(), onFinished=finished)
+        return self.worker("models", ModelsCommand(), onFinished=finished)
 
     def startDownload(self, modelId, onProgress=None, onFinished=None):
         def finished(outcome):
@@ -912,7 +912,7 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
             if onFinished:
                 onFinished(outcome)
 
-        return self.worker("download", ModelsSettings(download=modelId), onProgress, finished)
+        return self.worker("download", ModelsCommand(download=modelId), onProgress, finished)
 
     # --- inputs ---
 
@@ -921,7 +921,7 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
         """The drawn slices along the anatomical ``plane`` (voxel axis chosen from the direction matrix), and their count."""
         from SALTSegmentLib import slicer_bridge
 
-        arrayAxis = slicer_bridge.slice_axis(plane, slicer_bridge.volume_ijk_to_ras(volumeNode))
+        arrayAxis = slicer_bridge.volume_array_axis(volumeNode, plane)
         slices = slicer_bridge.drawn_slice_indices(segmentationNode, volumeNode, segmentIds, arrayAxis)
         return slices, volumeNode.GetImageData().GetDimensions()[2 - arrayAxis]
 
@@ -933,22 +933,23 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
         if volumeNode is None or segmentationNode is None or not segmentIds:
             raise ValueError("Select a volume, a segmentation and at least one segment")
         slicer_bridge.ensure_converter_rules()
-        arrayAxis = slicer_bridge.slice_axis(options.get("axis", "axial"), slicer_bridge.volume_ijk_to_ras(volumeNode))
+        plane = options.get("axis", "axial")
+        arrayAxis = slicer_bridge.volume_array_axis(volumeNode, plane)  # the CLI resolves the plane the same way
         folder = self.newRunFolder("train")
         image, labels = os.path.join(folder, "image.nrrd"), os.path.join(folder, "labels.seg.nrrd")
         with self.removedOnError(folder):
             exported = slicer_bridge.export_label_map_file(segmentationNode, volumeNode, segmentIds, labels,
                                                            drawn_only_axis=arrayAxis)
-            if not slicer_bridge.labelled_slices(exported.array, arrayAxis):
+            if not exported.array.any():
                 raise ValueError("The selected segments have no drawn voxels on this slice axis: "
                                  "label a few slices first")
             slicer_bridge.export_volume_file(volumeNode, image)
         adapter = os.path.join(folder, "adapter.safetensors")
-        settings = TrainSettings(image=image, labels=labels, out=adapter, method=options.get("method") or "salt",
-                                 model=options.get("model"), weights=options.get("weights"),
-                                 axis=choices.AXES[arrayAxis], steps=options.get("steps"),
-                                 device=options.get("device", "auto"), rank=options.get("rank"),
-                                 stop_file=os.path.join(folder, "stop"))
+        cliCommand = TrainCommand(image=image, labels=labels, out=adapter, method=options.get("method") or "salt",
+                                  model=options.get("model"), weights=options.get("weights"),
+                                  axis=plane, steps=options.get("steps"),
+                                  device=options.get("device", "auto"), rank=options.get("rank"),
+                                  stop_file=os.path.join(folder, "stop"))
 
         def finished(outcome):
             path = outcome.outputs.get("adapter", adapter)
@@ -958,7 +959,7 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
             if onFinished:
                 onFinished(outcome)
 
-        return self.worker("train", settings, onProgress, finished)
+        return self.worker("train", cliCommand, onProgress, finished)
 
     # --- propagate ---
 
@@ -985,20 +986,19 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
                 f"{', '.join(metadata.segment_names)})"), None
 
     def propagationAxisText(self, volumeNode, panelPlane):
-        """Which slices Propagate runs along: always the adapter's voxel axis, said in this volume's terms."""
+        """Which slices Propagate runs along: the adapter's plane (old adapters: their voxel axis), in this volume."""
         metadata = self._metadataOrNone()
         if metadata is None:
             return "-"
-        arrayAxis = choices.AXES.index(metadata.axis)
-        text = f"the adapter's axis: voxel axis {'kji'[arrayAxis]}"
+        text = (f"the adapter's {metadata.plane} plane" if metadata.plane
+                else f"the adapter's voxel axis {metadata.axis}")
         if volumeNode is None or volumeNode.GetImageData() is None:
             return text
         from SALTSegmentLib import slicer_bridge
 
-        matrix = slicer_bridge.volume_ijk_to_ras(volumeNode)
-        plane = next((p for p in choices.AXES if slicer_bridge.slice_axis(p, matrix) == arrayAxis), metadata.axis)
-        text += f", the {plane} plane of this volume"
-        if slicer_bridge.slice_axis(panelPlane, matrix) != arrayAxis:
+        arrayAxis = slicer_bridge.adapter_array_axis(volumeNode, metadata.axis, metadata.plane)
+        text += f": {slicer_bridge.describe_array_axis(volumeNode, arrayAxis)}"
+        if slicer_bridge.volume_array_axis(volumeNode, panelPlane) != arrayAxis:
             text += f" (not the {panelPlane} plane chosen above, which applies to fine-tuning)"
         return text
 
@@ -1012,7 +1012,10 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
         metadata = self._metadataOrNone()
         if metadata is None or volumeNode is None or volumeNode.GetImageData() is None:
             return 0
-        return volumeNode.GetImageData().GetDimensions()[2 - choices.AXES.index(metadata.axis)]
+        from SALTSegmentLib import slicer_bridge
+
+        arrayAxis = slicer_bridge.adapter_array_axis(volumeNode, metadata.axis, metadata.plane)
+        return volumeNode.GetImageData().GetDimensions()[2 - arrayAxis]
 
     def startPropagation(self, volumeNode, segmentationNode, options, onProgress=None, onFinished=None):
         """Propagate the adapter's segments along the adapter's axis; the user's drawn slices seed box mode."""
@@ -1023,7 +1026,7 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
         if not self.currentAdapter:
             raise ValueError("No adapter: fine-tune first or pick one in the adapter library")
         metadata = self.adapterMetadata()
-        arrayAxis = choices.AXES.index(metadata.axis)
+        arrayAxis = slicer_bridge.adapter_array_axis(volumeNode, metadata.axis, metadata.plane)  # as the CLI does
         folder = self.newRunFolder("propagate")
         image, output = os.path.join(folder, "image.nrrd"), os.path.join(folder, "result.seg.nrrd")
         drawnIds = [i for i in (slicer_bridge.find_segment_id(segmentationNode, name)
@@ -1042,13 +1045,13 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
                                  "draw a few slices, or choose 'auto' prompting")
             slicer_bridge.export_volume_file(volumeNode, image)
         first, last = options.get("first"), options.get("last")
-        settings = PropagateSettings(image=image, adapter=self.currentAdapter, out=output, labels=labels, mode=mode,
-                                     first=first, last=last, device=options.get("device", "auto"),
-                                     stop_file=os.path.join(folder, "stop"))
+        cliCommand = PropagateCommand(image=image, adapter=self.currentAdapter, out=output, labels=labels, mode=mode,
+                                      first=first, last=last, device=options.get("device", "auto"),
+                                      stop_file=os.path.join(folder, "stop"))
         self.pendingResult = {"output": output, "folder": folder, "volumeNode": volumeNode,
                               "segmentationNode": segmentationNode, "replace": options.get("replace", True),
                               "axis": arrayAxis, "range": None if first is None else (first, last)}
-        return self.worker("propagate", settings, onProgress, onFinished)
+        return self.worker("propagate", cliCommand, onProgress, onFinished)
 
     def applyPropagationResult(self, outcome):
         """Write the worker's label map into the segmentation, undoable in one step; return a summary."""
@@ -1105,7 +1108,7 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
             try:
                 metadata = self.adapterMetadata(path)
                 entry.update(base_model=metadata.base_model, method=metadata.method, created=metadata.created,
-                             axis=metadata.axis, segment_names=metadata.segment_names,
+                             axis=metadata.plane or metadata.axis, segment_names=metadata.segment_names,
                              details="\n".join(f"{k}: {v}" for k, v in metadata.training.items()) or path)
             except (AdapterFileError, OSError) as error:  # an unreadable file stays listed, with the reason
                 entry["details"] = f"not usable: {error}"
@@ -1147,7 +1150,7 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
             if onFinished:
                 onFinished(outcome)
 
-        return self.worker("evaluate", EvaluateSettings(pred=prediction, ref=reference), onProgress, finished)
+        return self.worker("evaluate", EvaluateCommand(pred=prediction, ref=reference), onProgress, finished)
 
     @staticmethod
     def evaluationText(outcome):

@@ -24,23 +24,23 @@ TENSORS = {
 
 def _values(**changes) -> dict:
     values = {"base_model": "lite_medsam", "base_weights_sha256": "7" * 64, "input_size": 256, "method": "salt",
-              "method_config": {"attention_rank": 0.99, "lora_rank": 4}, "axis": "axial",
+              "method_config": {"attention_rank": 0.99, "lora_rank": 4}, "axis": "k", "plane": "axial",
               "intensity": {"kind": "percentile", "low_percentile": 0.5, "high_percentile": 99.5},
               "segments": [{"label": 1, "name": "Thalamus_L", "color": [0.9, 0.3, 0.3]},
                            {"label": 2, "name": "Caudate_L", "color": [0.3, 0.6, 0.9]}],
-              "training": {"steps": 40}, "format_version": 1, "package_version": "0.1.0",
+              "training": {"steps": 40}, "format_version": FORMAT_VERSION, "package_version": "0.1.0",
               "created": "2026-01-01T00:00:00+00:00"}
     values.update(changes)
     return values
 
 
-def _adapter(path, values=None, tensors=None, prompts=2):
+def _adapter(path, values=None, tensors=None, prompts=2, version=FORMAT_VERSION):
     method = (values or _values())["method"]
     arrays = {name: np.zeros(4, np.float32) for name in (TENSORS.get(method, TENSORS["salt"]) if tensors is None
                                                          else tensors)}
     if prompts is not None:
         arrays[PROMPT_KEY] = np.zeros((prompts, 1, 256), np.float32)
-    save_file(arrays, str(path), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+    save_file(arrays, str(path), metadata={"format": FORMAT_NAME, "format_version": str(version),
                                            "saltsegment": json.dumps(values or _values())})
     return path
 
@@ -51,7 +51,26 @@ def test_every_method_loads_with_its_own_tensors(tmp_path, method):
     path = _adapter(tmp_path / "a.safetensors", _values(method=method, method_config=config))
     metadata = load_adapter_metadata(path)
     assert metadata.method == method and metadata.segment_names == ["Thalamus_L", "Caudate_L"]
-    assert read_adapter_metadata(path)["axis"] == "axial"
+    assert read_adapter_metadata(path)["axis"] == "k" and metadata.plane == "axial"
+
+
+@pytest.mark.parametrize("legacy,voxel", [("axial", "k"), ("coronal", "j"), ("sagittal", "i")])
+def test_format_1_files_still_load_with_their_voxel_axis(tmp_path, legacy, voxel):
+    """Format 1 stored axial/coronal/sagittal for the voxel axes k/j/i and no plane: read as exactly that."""
+    values = _values(axis=legacy, format_version=1)
+    del values["plane"]
+    path = _adapter(tmp_path / "old.safetensors", values, version=1)
+    metadata = load_adapter_metadata(path)
+    assert (metadata.axis, metadata.plane, metadata.format_version) == (voxel, None, 1)
+    assert read_adapter_metadata(path)["axis"] == voxel
+
+
+def test_a_newer_format_is_refused_with_the_versions_this_one_reads(tmp_path):
+    assert FORMAT_VERSION == 2
+    path = _adapter(tmp_path / "new.safetensors", _values(format_version=3), version=3)
+    with pytest.raises(AdapterFileError, match="uses adapter format version 3; .* reads versions 1, 2") as raised:
+        load_adapter_metadata(path)
+    assert "train the adapter again" in raised.value.hint
 
 
 BAD = {
@@ -72,6 +91,8 @@ BAD = {
     "no segments": (dict(segments=[]), 0, "no segments"),
     "unknown method": (dict(method="dora"), 2, "unknown method 'dora'"),
     "unknown axis": (dict(axis="oblique"), 2, "unknown axis 'oblique'"),
+    "plane name as axis": (dict(axis="axial"), 2, "unknown axis 'axial' (a voxel axis"),   # format 2: i, j, k
+    "unknown plane": (dict(plane="oblique"), 2, "unknown plane 'oblique'"),
     "unknown model": (dict(base_model="sam_vit_x"), 2, "unknown base model 'sam_vit_x'"),
     "input size": (dict(input_size=-256), 2, "input size -256"),
     "intensity": (dict(intensity={"kind": "window", "level": 40, "width": 0}), 2, "intensity window"),

@@ -296,8 +296,8 @@ def inputs(tmp_path_factory, sample_image_path, sample_labels_path) -> dict[str,
     torch.save({"weight": torch.zeros(3), "payload": _Exploit(files["pickle_marker"])}, files["pickle_pth"])
 
     # adapters: an untrained but valid one (no training needed to test refusals), and broken copies
-    from SALTSegmentLib.adaptation import apply_method, preset_options
-    from SALTSegmentLib.adapter_io import AdapterMetadata, save_adapter
+    from SALTSegmentLib.adapters import apply_method, preset_options
+    from SALTSegmentLib.adapter_file import AdapterMetadata, save_adapter
     from SALTSegmentLib.models import load_model
     from SALTSegmentLib.prompts import SegmentPrompts
 
@@ -308,7 +308,8 @@ def inputs(tmp_path_factory, sample_image_path, sample_labels_path) -> dict[str,
     intensity = pp.parse_intensity("auto", voxels.astype(np.float32))
     metadata = AdapterMetadata(base_model="lite_medsam", base_weights_sha256=model.weights_sha256, input_size=256,
                                method="lora", method_config=method_config, intensity=intensity.to_dict(),
-                               axis="axial", segments=AdapterMetadata.segments_to_dicts(segments[:1]))
+                               axis="k", plane="axial",
+                               segments=AdapterMetadata.segments_to_dicts(segments[:1]))
     adapter = save_adapter(case / "adapter.safetensors", model, SegmentPrompts(1), metadata)
     _ADAPTER_PARTS.update(model=model, metadata=metadata)
     files["adapter"] = adapter
@@ -472,7 +473,7 @@ def test_output_path_checks(tmp_path, monkeypatch):
 
 
 def test_adapter_files_that_are_not_adapters(inputs, tmp_path):
-    from SALTSegmentLib.adapter_io import AdapterFileError, load_adapter_metadata
+    from SALTSegmentLib.adapter_file import AdapterFileError, load_adapter_metadata
 
     (tmp_path / "empty.safetensors").write_bytes(b"")
     for path, message in [(tmp_path / "missing.safetensors", "Adapter file not found"),
@@ -560,7 +561,7 @@ def _one_slice_train_args(inputs, out: Path) -> list[str]:
 def test_saving_an_adapter_on_a_full_disk_keeps_the_previous_one(inputs, tmp_path, monkeypatch):
     import safetensors.torch
 
-    from SALTSegmentLib.adapter_io import save_adapter
+    from SALTSegmentLib.adapter_file import save_adapter
     from SALTSegmentLib.prompts import SegmentPrompts
 
     out = tmp_path / "adapter.safetensors"
@@ -615,7 +616,7 @@ def test_cpu_allocator_failure_is_out_of_memory():
 
 
 def test_adapter_header_check_accepts_real_files(inputs):
-    from SALTSegmentLib.adapter_io import read_adapter_metadata
+    from SALTSegmentLib.adapter_file import read_adapter_metadata
 
     assert read_adapter_metadata(inputs["adapter"])["base_model"] == "lite_medsam"
     header_length = struct.unpack("<Q", inputs["adapter"].read_bytes()[:8])[0]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from SALTSegmentLib.host.process_tree import descendants, pid_alive
-from SALTSegmentLib.host.worker_process import SubprocessWorker, worker_environment
+from SALTSegmentLib.host.worker_driver import SubprocessWorker, worker_environment
 from SALTSegmentLib.host.worker_protocol import EXIT_INTERRUPTED
 from SALTSegmentLib.volume_io import read_label_map
 
@@ -46,8 +46,8 @@ def launcher(tmp_path_factory) -> Path:
 def case(thalamus_crop, sample_image_path, sample_labels_path) -> Path:
     """The eight-slice crop plus an untrained LoRA adapter for propagation."""
     from SALTSegmentLib import preprocessing as pp
-    from SALTSegmentLib.adaptation import apply_method, preset_options
-    from SALTSegmentLib.adapter_io import AdapterMetadata, save_adapter
+    from SALTSegmentLib.adapters import apply_method, preset_options
+    from SALTSegmentLib.adapter_file import AdapterMetadata, save_adapter
     from SALTSegmentLib.models import load_model
     from SALTSegmentLib.prompts import SegmentPrompts
     from SALTSegmentLib.volume_io import read_image
@@ -58,7 +58,7 @@ def case(thalamus_crop, sample_image_path, sample_labels_path) -> Path:
     volume, _ = read_image(sample_image_path)
     metadata = AdapterMetadata(base_model="lite_medsam", base_weights_sha256=model.weights_sha256, input_size=256,
                                method="lora", method_config=config,
-                               intensity=pp.parse_intensity("auto", volume).to_dict(), axis="axial",
+                               intensity=pp.parse_intensity("auto", volume).to_dict(), axis="k", plane="axial",
                                segments=AdapterMetadata.segments_to_dicts(segments[:1]))
     save_adapter(thalamus_crop / "lora.safetensors", model, SegmentPrompts(1), metadata)
     return thalamus_crop
@@ -116,7 +116,7 @@ def test_cancelled_training_stops_within_one_step_and_keeps_the_adapter(case, la
     assert outcome.exit_code == EXIT_INTERRUPTED and outcome.status == "cancelled", worker.monitor.log
     assert not worker.killed, f"the worker had to be killed ({seconds:.1f} s after Cancel)"
     assert outcome.outputs["adapter"] == str(out)
-    from SALTSegmentLib.adapter_io import load_adapter, read_adapter_metadata
+    from SALTSegmentLib.adapter_file import load_adapter, read_adapter_metadata
 
     training = read_adapter_metadata(out)["training"]
     assert training["interrupted"] is True

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from SALTSegmentLib.adapter_io import load_adapter, read_adapter_metadata
+from SALTSegmentLib.adapter_file import load_adapter, read_adapter_metadata
 from SALTSegmentLib.worker_protocol import EXIT_INTERRUPTED, EXIT_OK, parse_line
 
 

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from SALTSegmentLib import preprocessing as pp
-from SALTSegmentLib.adapter_io import AdapterFileError, load_adapter, read_adapter_metadata, save_adapter
+from SALTSegmentLib.adapter_file import AdapterFileError, load_adapter, read_adapter_metadata, save_adapter
 from SALTSegmentLib.models import load_model
 from SALTSegmentLib.pipeline import PropagateJob, TrainJob, run_propagation, run_training
 from SALTSegmentLib.predictor import SlicePredictor
@@ -110,7 +110,7 @@ def test_adapter_metadata_records_what_reuse_needs(trained):
     assert metadata["method"] == "salt" and metadata["method_config"]["lora_rank"] == 4
     assert [s["name"] for s in metadata["segments"]] == ["Thalamus_L", "Caudate_L"]
     assert metadata["intensity"]["kind"] == "percentile"
-    assert metadata["axis"] == "axial" and metadata["input_size"] == 256
+    assert metadata["axis"] == "k" and metadata["plane"] == "axial" and metadata["input_size"] == 256
     assert metadata["training"]["steps"] == 12 and metadata["training"]["labelled_slices"] == LABELLED
     assert trained.adapter_path.stat().st_size < 5 * 1024 * 1024
 

@@ -95,6 +95,6 @@ def test_every_module_slicer_imports_loads_without_torch():
 
 def test_the_guard_catches_a_module_that_imports_torch():
     """The same check on an engine module that does import torch must fail: the guard works."""
-    result = _import_without_torch(["SALTSegmentLib.adapter_io"])
-    assert "SALTSegmentLib.adapter_io" in result["failures"]
-    assert "blocked" in result["failures"]["SALTSegmentLib.adapter_io"]
+    result = _import_without_torch(["SALTSegmentLib.adapter_file"])
+    assert "SALTSegmentLib.adapter_file" in result["failures"]
+    assert "blocked" in result["failures"]["SALTSegmentLib.adapter_file"]

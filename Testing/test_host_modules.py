@@ -10,8 +10,9 @@ import pytest
 from packaging.requirements import Requirement
 
 from SALTSegmentLib.host import choices, dependencies, run_folders
-from SALTSegmentLib.host.drawn_slices import (PredictionRecord, drawn_slices, grid_key, merge_slices,
-                                              occupied_slices, record_prediction, slice_checksum)
+from SALTSegmentLib.host.drawn_slices import (PredictionRecord, drawn_slices, grid_key, occupied_slices,
+                                              record_prediction, slice_checksum)
+from SALTSegmentLib.slices import put_back_slices
 from SALTSegmentLib.host.panel_state import PanelState
 from SALTSegmentLib.host.stop_request import StopRequest, request_stop
 
@@ -19,28 +20,36 @@ from SALTSegmentLib.host.stop_request import StopRequest, request_stop
 # --------------------------------------------------------------------------- one list of choices
 
 def test_the_engine_reads_the_choices_the_panel_offers():
-    from SALTSegmentLib import adaptation
+    from SALTSegmentLib.adapters import METHOD_SPECS
     from SALTSegmentLib.cli import build_parser
     from SALTSegmentLib.devices import DEVICE_CHOICES
     from SALTSegmentLib.models import MODEL_IDS, MODEL_REGISTRY
-    from SALTSegmentLib.preprocessing import SLICE_AXES
     from SALTSegmentLib.propagation import MODES
 
-    assert adaptation.METHODS == choices.METHODS and adaptation.ADAPTER_METHODS == choices.ADAPTER_METHODS
-    assert all(set(presets) == set(choices.RANK_PRESETS) for presets in adaptation.RANK_PRESETS.values())
+    # One spec per method: the same methods as the panel's list, adapter methods where the header check says so
+    assert tuple(METHOD_SPECS) == choices.METHODS
+    assert tuple(m for m, spec in METHOD_SPECS.items() if spec.injects_adapters) == choices.ADAPTER_METHODS
+    assert [spec.label for spec in METHOD_SPECS.values()] == [label for _, label in choices.METHOD_LABELS]
+    assert all(tuple(spec.rank_presets) == choices.RANK_PRESETS for spec in METHOD_SPECS.values())
     assert tuple(MODEL_IDS) == choices.MODEL_IDS
     assert choices.DOWNLOADABLE_MODELS == tuple(m for m, spec in MODEL_REGISTRY.items() if spec.url is not None)
     assert DEVICE_CHOICES == choices.DEVICES
-    assert tuple(SLICE_AXES) == choices.AXES
     # propagation.MODES is what the engine checks; it must list exactly the modes the panel and CLI offer
     assert tuple(MODES) == choices.PROPAGATION_MODES
 
     parser = build_parser()
-    actions = {a.dest: a for a in parser._subparsers._group_actions[0].choices["train"]._actions}
-    assert tuple(actions["method"].choices) == choices.METHODS
+    commands = parser._subparsers._group_actions[0].choices
+    actions = {a.dest: a for a in commands["train"]._actions}
+    assert tuple(actions["method"].choices) == tuple(METHOD_SPECS)        # read from the spec, not from a copy
     assert tuple(actions["rank"].choices) == choices.RANK_PRESETS
     assert tuple(actions["device"].choices) == choices.DEVICES
     assert tuple(actions["precision"].choices) == choices.PRECISIONS
+    assert tuple(actions["axis"].choices) == choices.AXES == choices.PLANES + choices.VOXEL_AXES
+    assert actions["steps"].default == choices.DEFAULT_STEPS
+    demo = {a.dest: a for a in commands["demo"]._actions}
+    assert tuple(demo["method"].choices) == tuple(METHOD_SPECS) and demo["steps"].default == choices.DEFAULT_STEPS
+    evaluate = {a.dest: a for a in commands["evaluate"]._actions}
+    assert tuple(evaluate["axis"].choices) == choices.AXES
 
 
 def test_labels_pair_every_value():
@@ -155,7 +164,7 @@ def test_checksums_tell_slices_apart_and_merge_keeps_slices():
     b[0, 0] = True
     assert slice_checksum(a) != slice_checksum(b) and slice_checksum(a) != slice_checksum(np.zeros((2, 8), bool))
     predicted, current = np.ones((3, 2, 2), np.uint8), np.zeros((3, 2, 2), np.uint8)
-    merged = merge_slices(predicted, current, [1], axis=0)
+    merged = put_back_slices(predicted.copy(), current, [1], axis=0)
     assert merged[1].sum() == 0 and merged[0].all() and merged[2].all()
 
 

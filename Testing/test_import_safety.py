@@ -1,11 +1,10 @@
 """Writing a propagation result back never alters a drawn slice, and can be undone in one step (real MRML).
 
-Each case of issue 11, defect 4, on ``slicer-core``: protection comes from
-every written segment's own mask at the moment of the import (whatever the
-panel had checked, and including slices drawn while the worker ran), on the
-segmentation's own grid (no resampling of drawn voxels), only inside the
-propagated range. Then undo (defect 5), and the panel's choices saved with
-the scene (defect 10).
+Each case on ``slicer-core``: protection comes from every written segment's
+own mask at the moment of the import (whatever the panel had checked, and
+including slices drawn while the worker ran), on the segmentation's own grid
+(no resampling of drawn voxels), only inside the propagated range. Then undo
+in one step, and the panel's choices saved with the scene.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="the slicer-core wheel is needed for the MRML tests")
 
 from SALTSegmentLib import slicer_bridge as bridge  # noqa: E402
+from SALTSegmentLib.slices import occupied_slices  # noqa: E402
 from SALTSegmentLib.host.panel_state import NODE_ROLES, PanelState  # noqa: E402
 from SALTSegmentLib.volume_io import Segment, write_label_map  # noqa: E402
 
@@ -157,7 +157,7 @@ def test_the_worker_gets_only_drawn_slices_as_labels(scene, tmp_path):
     bridge.import_label_map(segmentation, _prediction(), MATRIX, [LIVER], mark_predicted=True)
     exported = bridge.export_label_map_file(segmentation, volume, ids, tmp_path / "labels.seg.nrrd",
                                             drawn_only_axis=0)
-    assert bridge.labelled_slices(exported.array, 0) == [2, 5]
+    assert occupied_slices(exported.array, 0) == [2, 5]
     assert np.array_equal(exported.array, drawn)
 
 

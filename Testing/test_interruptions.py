@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from SALTSegmentLib.adapter_io import load_adapter, read_adapter_metadata
+from SALTSegmentLib.adapter_file import load_adapter, read_adapter_metadata
 from SALTSegmentLib.volume_io import read_label_map
 from SALTSegmentLib.worker_protocol import EXIT_INTERRUPTED, parse_line
 
@@ -36,8 +36,8 @@ def case(thalamus_crop, sample_image_path, sample_labels_path) -> Path:
     _, _, segments = read_label_map(sample_labels_path)
 
     from SALTSegmentLib import preprocessing as pp
-    from SALTSegmentLib.adaptation import apply_method, preset_options
-    from SALTSegmentLib.adapter_io import AdapterMetadata, save_adapter
+    from SALTSegmentLib.adapters import apply_method, preset_options
+    from SALTSegmentLib.adapter_file import AdapterMetadata, save_adapter
     from SALTSegmentLib.models import load_model
     from SALTSegmentLib.prompts import SegmentPrompts
     from SALTSegmentLib.volume_io import read_image
@@ -47,7 +47,7 @@ def case(thalamus_crop, sample_image_path, sample_labels_path) -> Path:
     volume, _ = read_image(sample_image_path)
     metadata = AdapterMetadata(base_model="lite_medsam", base_weights_sha256=model.weights_sha256, input_size=256,
                                method="lora", method_config=config,
-                               intensity=pp.parse_intensity("auto", volume).to_dict(), axis="axial",
+                               intensity=pp.parse_intensity("auto", volume).to_dict(), axis="k", plane="axial",
                                segments=AdapterMetadata.segments_to_dicts(segments[:2]))
     save_adapter(folder / "adapter.safetensors", model, SegmentPrompts(2), metadata)
     return folder

@@ -250,7 +250,7 @@ def test_a_1024_checkpoint_file_loads_into_a_512_model(tmp_path, vit_b_256):
     assert torch.equal(model.mask_decoder.iou_token.weight, state["mask_decoder.iou_token.weight"].float())
     assert model.image_encoder.pos_embed.shape == (1, 32, 32, 768)
     assert model.image_encoder.blocks[11].attn.rel_pos_h.shape == (63, 64)
-    with torch.inference_mode():  # the prompt side at 512 (the encoder's cost is measured in benchmarks/)
+    with torch.inference_mode():  # the prompt side at 512 (encoder cost: scripts/measure_encoder_speed.py)
         logits, _ = model.decode(torch.zeros(1, 256, 32, 32), model.embed_boxes(torch.tensor([[5.0, 5.0, 400.0, 300.0]])))
     assert logits.shape == (1, 1, 128, 128)
 

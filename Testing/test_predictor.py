@@ -88,7 +88,7 @@ def coronal_predictor(lite_medsam, sample):
 def test_prompts_on_a_non_square_slice_return_slice_grid_logits(coronal_predictor):
     predictor, labels = coronal_predictor
     rows, cols = labels.shape
-    assert predictor.geometry.resized_shape == (128, 256)  # 62 x 124 mm -> long side 256
+    assert predictor.slice_geometry.resized_shape == (128, 256)  # 62 x 124 mm -> long side 256
     assert predictor.embedding.shape == (1, 256, 64, 64)
     embedding = predictor.embedding
 
@@ -146,7 +146,7 @@ def parity_case():
 
 def test_embeddings_match_segment_anything(parity_case):
     reference, predictor = parity_case
-    assert reference.input_size == predictor.geometry.resized_shape == (1024, 768)
+    assert reference.input_size == predictor.slice_geometry.resized_shape == (1024, 768)
     expected = reference.features
     assert predictor.embedding.shape == expected.shape == (1, 256, 64, 64)
     assert torch.allclose(predictor.embedding, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from SALTSegmentLib import preprocessing as pp
-from SALTSegmentLib.preprocessing import IntensityMapping, SliceGeometry, geometry_for, parse_intensity
+from SALTSegmentLib.preprocessing import IntensityMapping, SliceGeometry, parse_intensity, slice_geometry_for
 
 SPACING_XYZ = (0.7, 0.7, 3.0)  # thin in-plane pixels, thick slices
 
@@ -55,6 +55,10 @@ def round_trip(mask: np.ndarray, geometry: SliceGeometry, output_size: int | Non
 # --------------------------------------------------------------------------- slicing
 
 @pytest.mark.parametrize("axis, shape, spacing", [
+    ("k", (48, 64), (0.7, 0.7)),
+    ("j", (20, 64), (3.0, 0.7)),
+    ("i", (20, 48), (3.0, 0.7)),
+    # The engine still reads the plane names as the voxel axes k, j, i (what they meant before adapter format 2).
     ("axial", (48, 64), (0.7, 0.7)),
     ("coronal", (20, 64), (3.0, 0.7)),
     ("sagittal", (20, 48), (3.0, 0.7)),
@@ -62,18 +66,22 @@ def round_trip(mask: np.ndarray, geometry: SliceGeometry, output_size: int | Non
 def test_slices_have_the_right_shape_and_pixel_spacing(axis, shape, spacing):
     volume = np.arange(20 * 48 * 64).reshape(20, 48, 64)
     count = pp.slice_count(volume.shape, axis)
-    assert count == volume.shape[pp.slice_axis(axis)]
+    dim = pp.array_axis(axis)
+    assert count == volume.shape[dim] and pp.SLICE_AXES[axis] == dim
     assert pp.take_slice(volume, axis, 3).shape == shape
     assert pp.slice_pixel_spacing((0.7, 0.7, 3.0), axis) == spacing
+    assert pp.slice_spacing((0.7, 0.7, 3.0), axis) == (3.0, 0.7, 0.7)[dim]
     # Distinct x and y spacing: the row spacing of coronal/sagittal slices is z, the columns x / y.
-    assert pp.slice_pixel_spacing((0.5, 0.6, 2.0), axis) == {"axial": (0.6, 0.5), "coronal": (2.0, 0.5),
-                                                             "sagittal": (2.0, 0.6)}[axis]
+    assert pp.slice_pixel_spacing((0.5, 0.6, 2.0), axis) == ((0.6, 0.5), (2.0, 0.5), (2.0, 0.6))[dim]
     copy = np.zeros_like(volume)
     for index in range(count):
         pp.put_slice(copy, axis, index, pp.take_slice(volume, axis, index))
     assert np.array_equal(copy, volume)
-    with pytest.raises(ValueError, match="axial"):
-        pp.slice_axis("oblique")
+    occupied = np.zeros(volume.shape, bool)
+    pp.put_slice(occupied, axis, 2, True)
+    assert pp.occupied_slices(occupied, axis) == [2]
+    with pytest.raises(ValueError, match="i, j, k"):
+        pp.array_axis("oblique")
 
 
 def test_slicing_follows_numpy_zyx_indexing():
@@ -86,9 +94,9 @@ def test_slicing_follows_numpy_zyx_indexing():
 # --------------------------------------------------------------------------- geometry round trips
 
 def test_resized_shape_keeps_the_physical_aspect_ratio():
-    axial = geometry_for((48, 64), pp.slice_pixel_spacing(SPACING_XYZ, "axial"), 256)
-    coronal = geometry_for((20, 64), pp.slice_pixel_spacing(SPACING_XYZ, "coronal"), 256)
-    sagittal = geometry_for((20, 48), pp.slice_pixel_spacing(SPACING_XYZ, "sagittal"), 256)
+    axial = slice_geometry_for((48, 64), pp.slice_pixel_spacing(SPACING_XYZ, "axial"), 256)
+    coronal = slice_geometry_for((20, 64), pp.slice_pixel_spacing(SPACING_XYZ, "coronal"), 256)
+    sagittal = slice_geometry_for((20, 48), pp.slice_pixel_spacing(SPACING_XYZ, "sagittal"), 256)
     assert axial.resized_shape == (192, 256) and axial.scale == (4.0, 4.0)
     # Coronal: 20 x 3 mm = 60 mm tall, 64 x 0.7 = 44.8 mm wide -> 256 x round(256 * 44.8 / 60) = 191.
     assert coronal.resized_shape == (256, 191)
@@ -111,7 +119,7 @@ def test_mask_round_trip_along_each_axis(axis, output_size):
     checked = 0
     for index in range(0, pp.slice_count(volume.shape, axis), 3):
         labels = pp.take_slice(volume, axis, index)
-        geometry = geometry_for(labels.shape, spacing, 256)
+        geometry = slice_geometry_for(labels.shape, spacing, 256)
         for label in (1, 2):
             mask = labels == label
             if not mask.any():
@@ -139,7 +147,7 @@ def test_mask_round_trip_along_each_axis(axis, output_size):
 ])
 def test_mask_round_trip_up_and_downsampling(shape, spacing):
     rows, cols = shape
-    geometry = geometry_for(shape, spacing, 256)
+    geometry = slice_geometry_for(shape, spacing, 256)
     mask = np.zeros(shape, dtype=bool)
     mask[rows // 5: rows // 2 + 1, cols // 4: (3 * cols) // 4] = True
     mask[(2 * rows) // 3: (5 * rows) // 6, cols // 8: cols // 3] = True
@@ -156,7 +164,7 @@ def test_image_round_trip_has_no_half_pixel_shift():
     # A smooth image resized into the input and back (as logits are) is unchanged up to interpolation error.
     rows, cols = np.indices((20, 64))
     image = 0.5 + 0.4 * np.sin(rows / 3.0) * np.cos(cols / 7.0)
-    geometry = geometry_for(image.shape, (3.0, 0.7), 256)
+    geometry = slice_geometry_for(image.shape, (3.0, 0.7), 256)
     resized = pp.slice_to_input(image, geometry)
     assert resized.shape == (3, 256, 256)
     assert torch.equal(resized[0], resized[1]) and torch.equal(resized[0], resized[2])
@@ -170,12 +178,12 @@ def test_image_round_trip_has_no_half_pixel_shift():
 # --------------------------------------------------------------------------- box and point mapping
 
 def test_boxes_map_pixel_centres_at_integer_scale():
-    geometry = geometry_for((48, 64), (0.7, 0.7), 256)  # scale 4: pixel i covers input [4i, 4i + 4)
+    geometry = slice_geometry_for((48, 64), (0.7, 0.7), 256)  # scale 4: pixel i covers input [4i, 4i + 4)
     boxes = np.array([[2, 3, 10, 20], [0, 0, 63, 47]])
     mapped = geometry.boxes_to_input(boxes)
     assert np.allclose(mapped, [[9.5, 13.5, 41.5, 81.5], [1.5, 1.5, 253.5, 189.5]])
     assert np.allclose(geometry.points_to_input(np.array([[10, 20]])), [[41.5, 81.5]])
-    same = geometry_for((256, 200), (1.0, 1.0), 256)  # scale 1: identity
+    same = slice_geometry_for((256, 200), (1.0, 1.0), 256)  # scale 1: identity
     assert np.array_equal(same.boxes_to_input(boxes), boxes.astype(float))
 
 
@@ -184,7 +192,7 @@ def test_points_land_on_the_resized_pixel_peak(shape, spacing, pixel):
     # A single bright pixel resized bilinearly becomes a symmetric tent centred where that pixel's centre maps.
     image = np.zeros(shape, dtype=np.float32)
     image[pixel] = 1.0
-    geometry = geometry_for(shape, spacing, 256)
+    geometry = slice_geometry_for(shape, spacing, 256)
     resized = pp.slice_to_input(image, geometry)[0].numpy()
     expected = geometry.points_to_input(np.array(pixel[::-1], dtype=float))[::-1]
     assert np.abs(centroid(resized) - expected).max() < 0.05

@@ -10,6 +10,7 @@ slicer = pytest.importorskip("slicer", reason="the slicer-core wheel is needed f
 vtk = pytest.importorskip("vtk")
 
 from SALTSegmentLib import slicer_bridge as bridge  # noqa: E402
+from SALTSegmentLib.slices import occupied_slices  # noqa: E402
 from SALTSegmentLib.volume_io import Segment, VolumeGeometry, read_label_map, write_image, write_label_map  # noqa: E402
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -132,7 +133,7 @@ def test_replace_keeps_drawn_slices_and_other_segments(scene, axis_name):
     volume = _volume(scene, geometry)
     matrix = bridge.volume_ijk_to_ras(volume)
     shape = geometry.size[::-1]
-    axis = bridge.slice_axis(axis_name, matrix)
+    axis = bridge.volume_array_axis(volume, axis_name)
     assert axis == 0  # each of these grids was acquired in its own plane
 
     drawn = np.zeros(shape, np.uint16)
@@ -140,7 +141,7 @@ def test_replace_keeps_drawn_slices_and_other_segments(scene, axis_name):
     drawn[4, 1:3, 1:3] = 2          # an unrelated segment that must not change
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     ids = bridge.import_label_map(segmentation, drawn, matrix, SEGMENTS[:2])
-    assert bridge.labelled_slices(drawn, axis) == [2, 4]
+    assert occupied_slices(drawn, axis) == [2, 4]
 
     predicted = np.zeros(shape, np.uint16)
     predicted[1:6, 2:8, 2:8] = 1    # a prediction that disagrees on the drawn slice 2
@@ -164,13 +165,17 @@ def test_new_segments_are_added_without_replace(scene):
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 4
 
 
-def test_slice_axis_follows_the_direction_matrix():
-    axial = bridge.ijk_to_ras_from_geometry(GRIDS["axial"])
-    assert [bridge.slice_axis(a, axial) for a in ("axial", "coronal", "sagittal")] == [0, 1, 2]
-    coronal = bridge.ijk_to_ras_from_geometry(GRIDS["coronal"])
-    assert [bridge.slice_axis(a, coronal) for a in ("axial", "coronal", "sagittal")] == [1, 0, 2]
+def test_the_panel_plane_follows_the_direction_matrix(scene):
+    """The bridge asks the engine's one resolver (slices.resolve_axis): planes by direction, i/j/k as stored."""
+    axial, coronal = _volume(scene, GRIDS["axial"]), _volume(scene, GRIDS["coronal"])
+    assert [bridge.volume_array_axis(axial, a) for a in ("axial", "coronal", "sagittal")] == [0, 1, 2]
+    assert [bridge.volume_array_axis(coronal, a) for a in ("axial", "coronal", "sagittal")] == [1, 0, 2]
+    assert [bridge.volume_array_axis(coronal, a) for a in ("k", "j", "i")] == [0, 1, 2]
+    assert bridge.adapter_array_axis(coronal, "k", "axial") == 1      # the adapter's plane, in this volume
+    assert bridge.adapter_array_axis(coronal, "k", None) == 0         # format 1: its voxel axis
+    assert bridge.describe_array_axis(coronal, 1) == "voxel axis j, the axial plane of this volume"
     with pytest.raises(ValueError):
-        bridge.slice_axis("oblique", axial)
+        bridge.volume_array_axis(axial, "oblique")
 
 
 @pytest.mark.parametrize("name", ["oblique", "sagittal"])

@@ -24,7 +24,8 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="the slicer-core wheel is needed for the MRML tests")
 
 from SALTSegmentLib import slicer_bridge as bridge  # noqa: E402
-from SALTSegmentLib.host.worker_process import SubprocessWorker, worker_environment  # noqa: E402
+from SALTSegmentLib.slices import occupied_slices  # noqa: E402
+from SALTSegmentLib.host.worker_driver import SubprocessWorker, worker_environment  # noqa: E402
 from SALTSegmentLib.volume_io import read_label_map  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,8 +84,8 @@ def module(tmp_path, monkeypatch):
 def adapter(thalamus_crop, sample_image_path, sample_labels_path) -> Path:
     """An untrained LoRA adapter for the sample's first segment, on the crop's axial slices."""
     from SALTSegmentLib import preprocessing as pp
-    from SALTSegmentLib.adaptation import apply_method, preset_options
-    from SALTSegmentLib.adapter_io import AdapterMetadata, save_adapter
+    from SALTSegmentLib.adapters import apply_method, preset_options
+    from SALTSegmentLib.adapter_file import AdapterMetadata, save_adapter
     from SALTSegmentLib.models import load_model
     from SALTSegmentLib.prompts import SegmentPrompts
     from SALTSegmentLib.volume_io import read_image
@@ -95,7 +96,7 @@ def adapter(thalamus_crop, sample_image_path, sample_labels_path) -> Path:
     volume, _ = read_image(sample_image_path)
     metadata = AdapterMetadata(base_model="lite_medsam", base_weights_sha256=model.weights_sha256, input_size=256,
                                method="lora", method_config=config,
-                               intensity=pp.parse_intensity("auto", volume).to_dict(), axis="axial",
+                               intensity=pp.parse_intensity("auto", volume).to_dict(), axis="k", plane="axial",
                                segments=AdapterMetadata.segments_to_dicts(segments[:1]))
     return save_adapter(thalamus_crop / "module-lora.safetensors", model, SegmentPrompts(1), metadata)
 
@@ -145,7 +146,7 @@ def test_propagate_keeps_every_drawn_slice_and_undoes_in_one_step(module, thalam
     command = worker.command
     assert command[command.index("--stop-file") + 1].endswith("stop")
     labels, _, _ = read_label_map(command[command.index("--labels") + 1])
-    assert bridge.labelled_slices(labels, 0) == [2, 4, 6]
+    assert occupied_slices(labels, 0) == [2, 4, 6]
     folder = logic.pendingResult["folder"]
 
     outcome = _run(worker)

@@ -1,4 +1,4 @@
-"""Nothing of the user's is overwritten or dropped (issue 14), through the real CLI and real files.
+"""Nothing of the user's is overwritten or dropped, through the real CLI and real files.
 
 Drawn segments the adapter does not know come back unchanged; ``evaluate``
 pairs segments by name and names the missing ones; detached formats leave no
@@ -38,8 +38,8 @@ MARKER = Segment(7, "Marker", (0.9, 0.8, 0.1))     # value 7 is free: must stay
 def case(thalamus_crop, sample_labels_path) -> Path:
     """The crop, an untrained two-segment LoRA adapter, and label maps drawn around it."""
     from SALTSegmentLib import preprocessing as pp
-    from SALTSegmentLib.adaptation import apply_method, preset_options
-    from SALTSegmentLib.adapter_io import AdapterMetadata, save_adapter
+    from SALTSegmentLib.adapters import apply_method, preset_options
+    from SALTSegmentLib.adapter_file import AdapterMetadata, save_adapter
     from SALTSegmentLib.models import load_model
     from SALTSegmentLib.prompts import SegmentPrompts
     from SALTSegmentLib.volume_io import read_image
@@ -51,7 +51,7 @@ def case(thalamus_crop, sample_labels_path) -> Path:
     volume, geometry = read_image(folder / "image.nrrd")
     metadata = AdapterMetadata(base_model="lite_medsam", base_weights_sha256=model.weights_sha256, input_size=256,
                                method="lora", method_config=config,
-                               intensity=pp.parse_intensity("auto", volume).to_dict(), axis="axial",
+                               intensity=pp.parse_intensity("auto", volume).to_dict(), axis="k", plane="axial",
                                segments=AdapterMetadata.segments_to_dicts(segments[:2]))
     save_adapter(folder / "two_segments.safetensors", model, SegmentPrompts(2), metadata)
 
@@ -151,7 +151,7 @@ def test_propagating_over_a_detached_output_leaves_no_hidden_file(case, tmp_path
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
 def test_outputs_get_the_users_umask(case, tmp_path, umask, mode):
-    from SALTSegmentLib.adapter_io import load_adapter, save_adapter
+    from SALTSegmentLib.adapter_file import load_adapter, save_adapter
 
     previous = os.umask(umask)
     try:

@@ -26,7 +26,7 @@ OUTPUT = ROOT / "Resources" / "Screenshots" / "SALTSegment-propagated-sample-mon
 
 
 def main() -> int:
-    from SALTSegmentLib.cli import DEFAULT_STEPS
+    from SALTSegmentLib.host.choices import DEFAULT_STEPS
     from SALTSegmentLib.demo import run_demo
 
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)

@@ -28,10 +28,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .host.choices import DEFAULT_STEPS
 from .host.stop_request import StopRequest
 from .worker_protocol import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, emit
-
-DEFAULT_STEPS = 40  # measured: 40 and 60 steps give the same Dice on the sample (README "Quality")
 
 
 def _int_list(text: str) -> list[int]:
@@ -96,10 +95,9 @@ def _probability(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .adaptation import METHODS
+    from .adapters import METHOD_SPECS
     from .devices import DEVICE_CHOICES
-    from .host.choices import PRECISIONS, RANK_PRESETS
-    from .preprocessing import SLICE_AXES
+    from .host.choices import AXES, PRECISIONS, RANK_PRESETS
     from .propagation import MODES
     from .segment_matching import MATCH_MODES
 
@@ -126,16 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--image", required=True, help="volume: NIfTI, NRRD, MHA or a DICOM series folder")
     train.add_argument("--labels", required=True, help="label map or Slicer .seg.nrrd on the image grid")
     train.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
-    train.add_argument("--method", choices=METHODS, default="salt")
+    train.add_argument("--method", choices=tuple(METHOD_SPECS), default="salt")
     train.add_argument("--model", default="lite_medsam", help="base model id (see 'saltsegment models')")
     train.add_argument("--rank", choices=RANK_PRESETS, default="default", help="rank preset")
     train.add_argument("--segments", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                        help="comma-separated segment names or label values (default: all)")
     train.add_argument("--slices", type=_int_list,
                        help="labelled slice numbers; default: every slice where a selected segment has voxels")
-    train.add_argument("--axis", choices=tuple(SLICE_AXES), default="axial",
-                       help="slice along the voxel array: axial = the third voxel index (k), coronal = j, "
-                            "sagittal = i (the anatomical planes for a volume acquired axially)")
+    train.add_argument("--axis", choices=AXES, default="axial",
+                       help="slice plane: axial, coronal or sagittal (the anatomical plane, found from the "
+                            "image's direction matrix), or i, j, k (a voxel axis of the image as stored)")
     train.add_argument("--intensity", default="auto", help="auto, mr, ct, a CT preset (lung, bone, ...) or L,W")
     train.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS)
     train.add_argument("--learning-rate", type=_positive_float, default=None)
@@ -165,13 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="Dice and HD95 of a segmentation against a reference")
     evaluate.add_argument("--pred", required=True)
     evaluate.add_argument("--ref", required=True)
-    evaluate.add_argument("--axis", choices=tuple(SLICE_AXES), default="axial", help="axis of the per-slice table")
+    evaluate.add_argument("--axis", choices=AXES, default="axial",
+                          help="axis of the per-slice table: an anatomical plane or a voxel axis i, j, k")
     evaluate.add_argument("--json", action="store_true", help="print one JSON document")
     evaluate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     demo = commands.add_parser("demo", help="fine-tune and propagate on the embedded sample, with a report")
     demo.add_argument("--out", default="demo-output")
-    demo.add_argument("--method", choices=METHODS, default="salt")
+    demo.add_argument("--method", choices=tuple(METHOD_SPECS), default="salt")
     demo.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS)
     demo.add_argument("--mode", choices=MODES, default="box")
     demo.add_argument("--labelled", type=_positive_int, default=5, help="number of labelled slices")
@@ -206,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- commands
 
 def _train(args, reporter, stop: StopRequest) -> int:
-    from .adaptation import preset_options
+    from .adapters import preset_options
     from .pipeline import TrainJob, run_training
     from .training import TrainingConfig
 
@@ -373,7 +372,7 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 def _hint(error: BaseException, command: str = "") -> Optional[str]:
     """A one-line suggestion for the errors a user can meet (see README "Troubleshooting")."""
-    from .adapter_io import AdapterFileError
+    from .adapter_file import AdapterFileError
     from .models import UnknownModelError, WeightsError
     from .pipeline import GridMismatchError
 

@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .preprocessing import slice_axis
+from .slices import array_axis
 from .volume_io import Segment
 
 
@@ -160,7 +160,7 @@ def evaluate_label_maps(pred: np.ndarray, ref: np.ndarray, segments: list[Segmen
     if pred.ndim != 3:
         raise ValueError(f"Label maps must be 3D (z, y, x), got {pred.ndim}D")
     spacing = _check_spacing(spacing_xyz)
-    dim = slice_axis(axis)
+    dim = array_axis(axis)
     kept = np.ones(pred.shape[dim], dtype=bool)
     if exclude_slices:
         bad = [i for i in exclude_slices if not 0 <= int(i) < pred.shape[dim]]

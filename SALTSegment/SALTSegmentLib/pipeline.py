@@ -17,12 +17,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import preprocessing as pp
+from .slices import adapter_axis_in, check_slice_range, describe_axis, labelled_slices, resolve_axis
 from .output_lock import output_lock
 from .devices import autocast_dtype, resolve_device
 from .preflight import (MemoryEstimate, check_adapter_suffix, check_label_map_suffix, check_memory,
                         check_output_is_not_an_input, check_output_path, propagation_memory, training_memory)
 from .adapters import merge_adapters
-from .adapter_io import AdapterMetadata, LoadedAdapter, load_adapter, load_adapter_metadata, save_adapter
+from .adapter_file import AdapterMetadata, LoadedAdapter, load_adapter, load_adapter_metadata, save_adapter
 from .metrics import EvaluationReport, evaluate_label_maps
 from .models import WeightsError, get_spec, load_model
 from .propagation import (PropagationConfig, PropagationInputError, PropagationProgress, PropagationResult,
@@ -30,7 +31,7 @@ from .propagation import (PropagationConfig, PropagationInputError, PropagationP
 from .training import (FewShotData, FewShotTrainer, StepReport, TrainingConfig, TrainingInputError, TrainingResult,
                        check_training_data)
 from .segment_matching import SegmentMatch, match_segments
-from .volume_io import (Segment, VolumeGeometry, VolumeReadError, read_image, read_label_map, read_volume_info,
+from .volume_io import (Segment, VolumeGeometry, read_image, read_label_map, read_volume_info, require_3d_scalar,
                         unlisted_label_values, write_label_map)
 
 class GridMismatchError(ValueError):
@@ -43,11 +44,8 @@ class JobStopped(Exception):
 
 def _volume_info_checked(path: str | os.PathLike):
     info = read_volume_info(path)
-    if info is not None and info.components != 1:
-        raise VolumeReadError(f"{path} has {info.components} components per voxel; "
-                              "a scalar (single-channel) 3D volume is needed")
-    if info is not None and len(info.size) != 3:
-        raise VolumeReadError(f"{path} is {len(info.size)}D; a 3D volume is needed")
+    if info is not None:
+        require_3d_scalar(path, len(info.size), info.components)
     return info
 
 
@@ -146,7 +144,7 @@ class TrainJob:
     weights: Optional[str] = None
     segments: Optional[list[str]] = None
     slices: Optional[list[int]] = None
-    axis: str = "axial"
+    axis: str = "axial"          # an anatomical plane (resolved from the image direction) or a voxel axis i/j/k
     intensity: str = "auto"
     resample_labels: bool = False
     config: TrainingConfig = field(default_factory=TrainingConfig)
@@ -209,8 +207,9 @@ def _train_locked(job: TrainJob, out: Path, on_step, should_stop, on_checkpoint,
     check_image_values(volume.image)
     segments = select_segments(volume.segments, job.segments)
     intensity = pp.parse_intensity(job.intensity, volume.image)
+    axis, plane = resolve_axis(job.axis, volume.geometry.direction)
     data = FewShotData(volume.image, volume.labels, volume.geometry.spacing, segments, intensity,
-                       job.axis, job.slices)
+                       axis, job.slices)
     labelled = check_training_data(data)
     memory = _check_training_memory(job, volume.geometry.size, info.bytes_per_component if info else 4,
                                     len(labelled), len(segments), setting)
@@ -222,7 +221,8 @@ def _train_locked(job: TrainJob, out: Path, on_step, should_stop, on_checkpoint,
     _stop_if_requested(should_stop, stopped)
     trainer = FewShotTrainer(model, data, job.config)
     if on_message is not None:
-        on_message(f"{len(trainer.slices)} labelled {job.axis} slices, {len(segments)} segments, "
+        on_message(f"{len(trainer.slices)} labelled {plane} slices ({describe_axis(axis, None)}), "
+                   f"{len(segments)} segments, "
                    f"{intensity.describe()}, {job.config.method} on {model.model_id}, {trainer.device}")
 
     def metadata(result: Optional[TrainingResult], steps_done: int) -> AdapterMetadata:
@@ -232,7 +232,7 @@ def _train_locked(job: TrainJob, out: Path, on_step, should_stop, on_checkpoint,
         return AdapterMetadata(
             base_model=model.model_id, base_weights_sha256=model.weights_sha256, input_size=model.input_size,
             method=job.config.method, method_config=trainer.method_config, intensity=intensity.to_dict(),
-            axis=job.axis, segments=AdapterMetadata.segments_to_dicts(segments), training=training)
+            axis=axis, plane=plane, segments=AdapterMetadata.segments_to_dicts(segments), training=training)
 
     def checkpoint(step: int) -> None:
         save_adapter(out, model, trainer.prompts, metadata(None, step))
@@ -279,11 +279,6 @@ class PropagateOutcome:
     labelled_slices: list[int]
     kept_segments: list[KeptSegment] = field(default_factory=list)
     memory_estimate: Optional[MemoryEstimate] = None
-
-
-def labelled_slices_of(labels: np.ndarray, segments: list[Segment], axis: str) -> list[int]:
-    """Slices on which any of ``segments`` has voxels: the slices the user drew."""
-    return pp.occupied_slices(np.isin(labels, [s.label for s in segments]), axis)
 
 
 def keep_unpredicted_segments(unmatched: list[Segment], adapter_segments: list[Segment]) -> list[KeptSegment]:
@@ -369,7 +364,7 @@ def _propagate_locked(job: PropagateJob, out: Path, loaded, on_progress, should_
         _volume_info_checked(job.labels)
     memory = None
     if info is not None:
-        slices = info.size[2 - pp.slice_axis(metadata.axis)]
+        slices = info.size[2 - pp.array_axis(adapter_axis_in(metadata.axis, metadata.plane, info.direction))]
         if job.config.slice_range is not None:
             first, last = job.config.slice_range
             slices = max(0, last - first + 1)
@@ -383,18 +378,16 @@ def _propagate_locked(job: PropagateJob, out: Path, loaded, on_progress, should_
                      "propagate part of the volume (--range FIRST:LAST), or close other programs")
     image, geometry = read_image(job.image)
     check_image_values(image)
-    count = pp.slice_count(image.shape, metadata.axis)
+    axis = adapter_axis_in(metadata.axis, metadata.plane, geometry.direction)  # the adapter's plane in this volume
     if job.config.slice_range is not None:
-        first, last = job.config.slice_range
-        if not 0 <= first <= last < count:
-            raise PropagationInputError(
-                f"Slice range {first}:{last} is outside 0:{count - 1} along {metadata.axis}")
+        check_slice_range(job.config.slice_range, pp.slice_count(image.shape, axis),
+                          describe_axis(axis, metadata.plane), PropagationInputError)
     drawn, user_labels, labelled, kept = None, None, [], []
     if job.labels is not None:
         drawn, label_segments = read_labels_on_grid(job.labels, geometry, job.resample_labels, say)
         match = match_segments(label_segments, segments, job.match_by)
         user_labels = match.relabel(drawn)
-        labelled = labelled_slices_of(user_labels, segments, metadata.axis)
+        labelled = labelled_slices(user_labels, [s.label for s in segments], axis)
         if job.config.mode == "box" and not labelled:
             raise _no_drawn_segment_error(job.labels, segments, match)
         if match.by == "value" and match.pairs:
@@ -409,7 +402,7 @@ def _propagate_locked(job: PropagateJob, out: Path, loaded, on_progress, should_
         loaded = load_adapter(job.adapter, weights=job.weights)
         merge_adapters(loaded.model)  # plain weights again: propagation pays nothing for the adapter
     propagator = VolumePropagator(loaded.model, loaded.prompts, segments, metadata.intensity_mapping,
-                                  metadata.axis, job.config)
+                                  axis, job.config)
     result = propagator.run(image, geometry.spacing, user_labels, labelled, on_progress, should_stop)
     if not result.interrupted and should_stop is not None and should_stop():
         result.interrupted = True  # a stop during the last slices or the clean-up: still write nothing
@@ -441,5 +434,6 @@ def evaluate_files(pred_path: str | os.PathLike, ref_path: str | os.PathLike, ax
         raise GridMismatchError(f"Prediction and reference grids differ: {'; '.join(differences)}")
     match = match_segments(pred_segments, ref_segments)
     missing = {s.name for s in match.missing_target}
-    return evaluate_label_maps(match.relabel(pred), ref, ref_segments, ref_geometry.spacing, axis, exclude_slices,
-                               missing=missing)
+    voxel_axis, _ = resolve_axis(axis, ref_geometry.direction)  # a plane is the anatomical one of these files
+    return evaluate_label_maps(match.relabel(pred), ref, ref_segments, ref_geometry.spacing, voxel_axis,
+                               exclude_slices, missing=missing)

@@ -23,7 +23,7 @@ class SlicePredictor:
     def __init__(self, model: PromptableSegmenter, autocast_dtype: Optional[torch.dtype] = None) -> None:
         self.model = model
         self.autocast_dtype = autocast_dtype
-        self.geometry: Optional[pp.SliceGeometry] = None
+        self.slice_geometry: Optional[pp.SliceGeometry] = None
         self.embedding: Optional[torch.Tensor] = None
 
     @property
@@ -36,10 +36,10 @@ class SlicePredictor:
     @torch.inference_mode()
     def set_slice(self, slice01: np.ndarray, pixel_spacing: tuple[float, float] = (1.0, 1.0)) -> None:
         """Embed a slice already mapped to [0, 1] (see ``IntensityMapping``); min-max scaled here."""
-        self.geometry = pp.geometry_for(slice01.shape, pixel_spacing, self.model.input_size)
-        image = pp.slice_to_input(pp.rescale_slice(slice01), self.geometry)[None].to(self.device)
+        self.slice_geometry = pp.slice_geometry_for(slice01.shape, pixel_spacing, self.model.input_size)
+        image = pp.slice_to_input(pp.rescale_slice(slice01), self.slice_geometry)[None].to(self.device)
         with self._autocast():
-            self.embedding = self.model.encode(image, self.geometry.resized_shape).float()
+            self.embedding = self.model.encode(image, self.slice_geometry.resized_shape).float()
 
     def _require_slice(self) -> None:
         if self.embedding is None:
@@ -51,20 +51,21 @@ class SlicePredictor:
         self._require_slice()
         with self._autocast():
             logits, iou = self.model.decode(self.embedding, sparse.to(self.device))
-        return pp.logits_to_slice(logits.float(), self.geometry), iou.float()[:, 0]
+        return pp.logits_to_slice(logits.float(), self.slice_geometry), iou.float()[:, 0]
 
     @torch.inference_mode()
     def predict_boxes(self, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Boxes (N, 4) as x0, y0, x1, y1 slice pixel indices."""
         self._require_slice()
-        boxes_input = torch.as_tensor(self.geometry.boxes_to_input(boxes), dtype=torch.float32, device=self.device)
+        boxes_input = torch.as_tensor(self.slice_geometry.boxes_to_input(boxes), dtype=torch.float32,
+                                      device=self.device)
         return self.decode(self.model.embed_boxes(boxes_input))
 
     @torch.inference_mode()
     def predict_points(self, points: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Points (N, P, 2) as (x, y) slice pixel indices with labels (N, P): 1 inside, 0 outside."""
         self._require_slice()
-        points_input = torch.as_tensor(self.geometry.points_to_input(points), dtype=torch.float32,
+        points_input = torch.as_tensor(self.slice_geometry.points_to_input(points), dtype=torch.float32,
                                        device=self.device)
         labels = torch.as_tensor(labels, dtype=torch.int64, device=self.device)
         return self.decode(self.model.embed_points(points_input, labels))

@@ -2,13 +2,14 @@
 
 Three steps, each exact and tested on its own:
 
-1. Slicing: a (z, y, x) volume is cut along one axis (axial, coronal,
-   sagittal); a slice keeps its in-plane pixel spacing.
+1. Slicing: a (z, y, x) volume is cut along one voxel axis (k, j, i; see
+   :mod:`slices` for axis names and planes); a slice keeps its in-plane
+   pixel spacing.
 2. Intensity: CT through a window (presets or level/width), MR through robust
    percentiles of the whole volume; the mapping is stored with the adapter so
    training and propagation see the same contrast. Each slice is then min-max
    scaled to [0, 1], as LiteMedSAM was trained.
-3. Geometry: the long *physical* side is resized to the model input (so
+3. Slice geometry: the long *physical* side is resized to the model input (so
    anisotropic pixels become square), zero-padded bottom/right. Resizing uses
    edge-aligned sampling (``align_corners=False``) both ways, so a mask mapped
    to the input and back lands on the same pixels (no half-voxel shift).
@@ -23,7 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SLICE_AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
+from .slices import ARRAY_AXES, array_axis, occupied_slices  # noqa: F401 - occupied_slices: one definition, there
+
+# Engine axis keys -> array axis (k, j, i and, as before adapter format 2, axial/coronal/sagittal for k/j/i).
+SLICE_AXES = ARRAY_AXES
 
 # (level, width) in Hounsfield units.
 CT_WINDOWS = {
@@ -39,39 +43,35 @@ CT_WINDOWS = {
 
 # --------------------------------------------------------------------------- slicing
 
-def slice_axis(axis: str) -> int:
-    try:
-        return SLICE_AXES[axis]
-    except KeyError:
-        raise ValueError(f"Unknown slice axis '{axis}'; choose one of {', '.join(SLICE_AXES)}") from None
+# The old name, until propagation.py and interpolation.py call array_axis.
+slice_axis = array_axis
 
 
 def take_slice(volume: np.ndarray, axis: str, index: int) -> np.ndarray:
     """The 2D slice ``index`` of a (z, y, x) volume along ``axis``."""
-    return np.take(volume, index, axis=slice_axis(axis))
+    return np.take(volume, index, axis=array_axis(axis))
 
 
 def put_slice(volume: np.ndarray, axis: str, index: int, values: np.ndarray) -> None:
     """Write a 2D slice back into a (z, y, x) volume in place."""
     selector = [slice(None)] * 3
-    selector[slice_axis(axis)] = index
+    selector[array_axis(axis)] = index
     volume[tuple(selector)] = values
 
 
 def slice_count(shape: tuple[int, ...], axis: str) -> int:
-    return int(shape[slice_axis(axis)])
+    return int(shape[array_axis(axis)])
 
 
-def occupied_slices(mask: np.ndarray, axis: str) -> list[int]:
-    """Indices of the slices along ``axis`` on which a 3D boolean mask has any voxel."""
-    other_axes = tuple(a for a in range(3) if a != slice_axis(axis))
-    return [int(i) for i in np.flatnonzero(mask.any(axis=other_axes))]
+def slice_spacing(spacing_xyz: tuple[float, float, float], axis: str) -> float:
+    """Distance between neighbouring slices along ``axis``, from the volume spacing given as (x, y, z)."""
+    return float(spacing_xyz[2 - array_axis(axis)])
 
 
 def slice_pixel_spacing(spacing_xyz: tuple[float, float, float], axis: str) -> tuple[float, float]:
     """(row, column) spacing of a slice, from the volume spacing given as (x, y, z)."""
     sx, sy, sz = spacing_xyz
-    return {"axial": (sy, sx), "coronal": (sz, sx), "sagittal": (sz, sy)}[axis]
+    return ((sy, sx), (sz, sx), (sz, sy))[array_axis(axis)]
 
 
 # --------------------------------------------------------------------------- intensity
@@ -177,7 +177,7 @@ def rescale_slice(slice01: np.ndarray) -> np.ndarray:
     return ((slice01 - low) / (high - low)).astype(np.float32)
 
 
-# --------------------------------------------------------------------------- geometry
+# --------------------------------------------------------------------------- slice geometry (slice grid -> model input)
 
 @dataclass(frozen=True)
 class SliceGeometry:
@@ -222,49 +222,55 @@ class SliceGeometry:
         return (points + 0.5) * np.array([col_scale, row_scale]) - 0.5
 
 
-def geometry_for(shape: tuple[int, int], spacing: tuple[float, float], input_size: int) -> SliceGeometry:
+def slice_geometry_for(shape: tuple[int, int], spacing: tuple[float, float], input_size: int) -> SliceGeometry:
+    """The :class:`SliceGeometry` of a (rows, cols) slice with (row, col) pixel spacing, for a model input size."""
     return SliceGeometry(int(shape[0]), int(shape[1]), float(spacing[0]), float(spacing[1]), int(input_size))
 
 
-def slice_to_input(slice01: np.ndarray, geometry: SliceGeometry) -> torch.Tensor:
+# The old name, until propagation.py and benchmarks.py call slice_geometry_for.
+geometry_for = slice_geometry_for
+
+
+def slice_to_input(slice01: np.ndarray, slice_geometry: SliceGeometry) -> torch.Tensor:
     """A [0, 1] slice -> (3, S, S) float tensor: resized, zero-padded bottom/right, three channels."""
-    rows, cols = geometry.resized_shape
+    rows, cols = slice_geometry.resized_shape
     image = torch.from_numpy(np.ascontiguousarray(slice01, dtype=np.float32))[None, None]
-    downsampling = rows < geometry.rows or cols < geometry.cols
+    downsampling = rows < slice_geometry.rows or cols < slice_geometry.cols
     image = F.interpolate(image, size=(rows, cols), mode="bilinear", align_corners=False, antialias=downsampling)
     image = image.clamp_(0.0, 1.0)
-    padded = torch.zeros(1, 1, geometry.input_size, geometry.input_size)
+    padded = torch.zeros(1, 1, slice_geometry.input_size, slice_geometry.input_size)
     padded[..., :rows, :cols] = image
     return padded[0].expand(3, -1, -1).contiguous()
 
 
-def mask_to_input(mask: np.ndarray, geometry: SliceGeometry, output_size: Optional[int] = None) -> torch.Tensor:
+def mask_to_input(mask: np.ndarray, slice_geometry: SliceGeometry, output_size: Optional[int] = None) -> torch.Tensor:
     """A binary slice mask -> (S', S') float target in the (padded) input frame.
 
     ``output_size`` is the resolution of the logits the loss compares with
     (the decoder's low-resolution output); it defaults to the input size.
     """
-    output_size = output_size or geometry.input_size
-    factor = output_size / geometry.input_size
-    rows, cols = geometry.resized_shape
+    output_size = output_size or slice_geometry.input_size
+    factor = output_size / slice_geometry.input_size
+    rows, cols = slice_geometry.resized_shape
     rows, cols = max(1, int(round(rows * factor))), max(1, int(round(cols * factor)))
     target = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
     target = F.interpolate(target, size=(rows, cols), mode="bilinear", align_corners=False,
-                           antialias=rows < geometry.rows or cols < geometry.cols)
+                           antialias=rows < slice_geometry.rows or cols < slice_geometry.cols)
     padded = torch.zeros(output_size, output_size)
     padded[:rows, :cols] = (target[0, 0] >= 0.5).float()
     return padded
 
 
-def logits_to_slice(logits: torch.Tensor, geometry: SliceGeometry) -> torch.Tensor:
+def logits_to_slice(logits: torch.Tensor, slice_geometry: SliceGeometry) -> torch.Tensor:
     """Decoder logits (N, 1, L, L) over the padded input -> (N, rows, cols) logits on the slice grid."""
-    size = geometry.input_size
-    rows, cols = geometry.resized_shape
+    size = slice_geometry.input_size
+    rows, cols = slice_geometry.resized_shape
     logits = logits.float()
     if logits.shape[-1] != size:
         logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
     logits = logits[..., :rows, :cols]
-    logits = F.interpolate(logits, size=(geometry.rows, geometry.cols), mode="bilinear", align_corners=False)
+    logits = F.interpolate(logits, size=(slice_geometry.rows, slice_geometry.cols), mode="bilinear",
+                           align_corners=False)
     return logits[:, 0]
 
 

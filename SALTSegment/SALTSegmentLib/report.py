@@ -21,7 +21,7 @@ from matplotlib.lines import Line2D
 
 from .atomic_files import atomic_path
 from .metrics import EvaluationReport
-from .preprocessing import slice_axis
+from .slices import array_axis, labelled_slices
 from .volume_io import Segment
 
 REFERENCE_COLOR = "white"
@@ -37,14 +37,10 @@ def _default_indices(reference: Optional[np.ndarray], prediction: np.ndarray, se
                      dim: int, max_panels: int) -> list[int]:
     """Evenly spaced slices among those holding a segment (all slices when none does)."""
     labels = [s.label for s in segments]
-    occupied = np.isin(prediction, labels)
+    candidates = set(labelled_slices(prediction, labels, dim))
     if reference is not None:
-        occupied |= np.isin(reference, labels)
-    other_axes = tuple(a for a in range(3) if a != dim)
-    candidates = np.nonzero(occupied.any(axis=other_axes))[0]
-    if candidates.size == 0:
-        candidates = np.arange(prediction.shape[dim])
-    return _evenly_spaced([int(i) for i in candidates], max_panels)
+        candidates.update(labelled_slices(reference, labels, dim))
+    return _evenly_spaced(sorted(candidates) or list(range(prediction.shape[dim])), max_panels)
 
 
 def _evenly_spaced(values: list[int], count: int) -> list[int]:
@@ -92,7 +88,7 @@ def write_montage(path: str | os.PathLike, image: np.ndarray, reference: Optiona
             raise ValueError(f"The {name} shape {volume.shape} differs from the image shape {image.shape}")
     if max_panels < 1:
         raise ValueError(f"max_panels must be at least 1, got {max_panels}")
-    dim = slice_axis(axis)
+    dim = array_axis(axis)
     if indices is None:
         indices = _default_indices(reference, prediction, segments, dim, max_panels)
     else:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .slices import occupied_slices
+
 SAMPLE_IMAGE = "ch2_deep_grey_t1.nrrd"
 SAMPLE_LABELS = "ch2_deep_grey_labels.seg.nrrd"
 
@@ -28,15 +30,14 @@ def sample_paths() -> tuple[Path, Path]:
     return folder / SAMPLE_IMAGE, folder / SAMPLE_LABELS
 
 
-def spread_slices(labels: np.ndarray, count: int, axis: int = 0) -> list[int]:
+def spread_slices(labels: np.ndarray, count: int, axis: int | str = 0) -> list[int]:
     """``count`` slices evenly spread inside the labelled extent, as a user would pick them.
 
     The ends of the extent are skipped (a user labels where a structure is
     clearly visible, not its last sliver).
     """
-    other_axes = tuple(a for a in range(labels.ndim) if a != axis)
-    occupied = np.flatnonzero((labels > 0).any(axis=other_axes))
-    if occupied.size == 0:
+    occupied = occupied_slices(labels, axis)
+    if not occupied:
         raise ValueError("The label map is empty")
     positions = np.linspace(occupied[0], occupied[-1], count + 2)[1:-1]
     return sorted(set(int(round(p)) for p in positions))

@@ -30,14 +30,12 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .host.drawn_slices import (RECORD_TAG, PredictionRecord, drawn_slices, grid_key, merge_slices,
-                                 record_prediction)
+from .host.drawn_slices import RECORD_TAG, PredictionRecord, drawn_slices, grid_key, record_prediction
+from .slices import (adapter_axis_in, array_axis, occupied_slices, put_back_slices, resolve_axis, voxel_axis,
+                     voxel_axis_plane)
 from .volume_io import Segment, VolumeGeometry, read_label_map, write_image, write_label_map
 
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-# Anatomical slice axis -> the RAS world axis its slices are perpendicular to.
-_NORMAL_RAS_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
 
 
 class BridgeError(ValueError):
@@ -109,18 +107,24 @@ def geometry_from_ijk_to_ras(ijk_to_ras: np.ndarray, size: Sequence[int]) -> Vol
                           direction=tuple(float(v) for v in direction.ravel()))
 
 
-def slice_axis(axis: str, ijk_to_ras: np.ndarray) -> int:
-    """Array axis (0 = k, 1 = j, 2 = i) whose slices are closest to the anatomical ``axis`` plane.
+def volume_array_axis(volume_node, axis: str) -> int:
+    """Array axis (0 = k, 1 = j, 2 = i) of ``axis`` in a volume: a plane resolved from its direction matrix, or k/j/i.
 
-    For a volume acquired axially, "axial" is array axis 0; for an oblique or
-    coronal acquisition the axis follows the direction matrix.
+    The engine's :func:`~SALTSegmentLib.slices.resolve_axis` decides, so the
+    panel and the CLI cut the same slices.
     """
-    if axis not in _NORMAL_RAS_AXIS:
-        raise ValueError(f"Unknown axis {axis!r}; use one of {sorted(_NORMAL_RAS_AXIS)}")
-    directions = np.abs(np.asarray(ijk_to_ras, dtype=float)[:3, :3])
-    directions = directions / np.linalg.norm(directions, axis=0)
-    ijk_index = int(np.argmax(directions[_NORMAL_RAS_AXIS[axis]]))
-    return 2 - ijk_index
+    return array_axis(resolve_axis(axis, volume_ijk_to_ras(volume_node))[0])
+
+
+def adapter_array_axis(volume_node, axis: str, plane: str | None) -> int:
+    """Array axis an adapter's slices run along in this volume: its plane, or its voxel axis when it has none."""
+    return array_axis(adapter_axis_in(axis, plane, volume_ijk_to_ras(volume_node)))
+
+
+def describe_array_axis(volume_node, axis: int) -> str:
+    """``voxel axis k, the axial plane of this volume``: array ``axis`` said in the volume's terms."""
+    plane = voxel_axis_plane(axis, volume_ijk_to_ras(volume_node))
+    return f"voxel axis {voxel_axis(axis)}, the {plane} plane of this volume"
 
 
 def matching_axis(ijk_to_ras: np.ndarray, axis: int, other_ijk_to_ras: np.ndarray) -> int:
@@ -129,12 +133,6 @@ def matching_axis(ijk_to_ras: np.ndarray, axis: int, other_ijk_to_ras: np.ndarra
     columns = np.asarray(other_ijk_to_ras, dtype=float)[:3, :3]
     cosines = np.abs(normal @ columns) / (np.linalg.norm(columns, axis=0) * np.linalg.norm(normal))
     return 2 - int(np.argmax(cosines))
-
-
-def labelled_slices(label_map: np.ndarray, axis: int) -> list[int]:
-    """Indices along array ``axis`` of the slices that hold any label."""
-    other = tuple(a for a in range(3) if a != axis)
-    return [int(i) for i in np.flatnonzero(np.any(label_map != 0, axis=other))]
 
 
 # --- volumes ----------------------------------------------------------------------------
@@ -263,7 +261,7 @@ def segmentation_to_label_map(segmentation_node, reference_volume_node,
         else:
             mask, drawn = segment_drawn_slices(segmentation_node, segment_id, array.shape, ijk_to_ras,
                                                drawn_only_axis)
-            mask = merge_slices(np.zeros_like(mask), mask, drawn, drawn_only_axis)
+            mask = put_back_slices(np.zeros_like(mask), mask, drawn, drawn_only_axis)
         array[mask != 0] = label
         segments.append(Segment(label=label, name=segment.GetName(), color=tuple(segment.GetColor())))
     return LabelMapExport(array, ijk_to_ras, segments, ids)
@@ -373,16 +371,12 @@ def import_label_map(segmentation_node, label_map: np.ndarray, ijk_to_ras: np.nd
                 segment_id = segmentation.AddEmptySegment("", segment.name, list(segment.color))
             else:
                 current, drawn = segment_drawn_slices(segmentation_node, segment_id, shape, grid_matrix, grid_axis)
-                keep = np.zeros(shape, dtype=bool)
-                index = [slice(None)] * 3
-                for i in drawn:
-                    index[grid_axis] = i
-                    keep[tuple(index)] = True
+                put_back_slices(mask, current, drawn, grid_axis)
+                kept = set(drawn)
                 if outside is not None:
-                    keep |= outside
-                mask = np.where(keep, current, mask).astype(np.uint8)
-                other = tuple(a for a in range(3) if a != grid_axis)
-                predicted_slices = np.flatnonzero(~np.any(keep, axis=other))
+                    mask = np.where(outside, current, mask).astype(np.uint8)
+                    kept.update(occupied_slices(outside, grid_axis))
+                predicted_slices = [i for i in range(shape[grid_axis]) if i not in kept]
             image = _oriented_image(mask, grid_matrix)
             if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id,
                                                     logic.MODE_REPLACE, image.GetExtent()):

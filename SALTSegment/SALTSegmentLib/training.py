@@ -1,6 +1,6 @@
 """Few-shot fine-tuning: a handful of labelled slices -> an adapted model with learned prompts.
 
-The base model stays frozen; the method (see :mod:`adaptation`) decides what
+The base model stays frozen; the method (see :mod:`adapters.methods`) decides what
 trains. The cost that matters on a CPU is the image encoder, so:
 
 - every labelled slice is augmented a fixed number of times up front, and the
@@ -27,18 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from . import preprocessing as pp
-from .adaptation import apply_method, encoder_is_frozen
+from .adapters import apply_method, encoder_is_frozen, method_spec
 from .augmentation import AugmentationConfig, augment
 from .devices import autocast, autocast_dtype, resolve_device
 from .losses import dice_bce_loss
 from .models import PromptableSegmenter
+from .host.choices import DEFAULT_STEPS
 from .prompts import SegmentPrompts
+from .slices import labelled_slices, voxel_axis
 from .volume_io import Segment
-
-
-# Adapters and prompt tokens are small and start at the identity, so they take a
-# large step size; the whole decoder (4M weights) or the whole model diverge at it.
-DEFAULT_LEARNING_RATES = {"salt": 3e-3, "lora": 3e-3, "ssam": 3e-3, "decoder": 3e-4, "full": 1e-4}
 
 
 class TrainingInputError(ValueError):
@@ -51,9 +48,9 @@ class TrainingConfig:
 
     method: str = "salt"
     method_options: dict = field(default_factory=dict)
-    steps: int = 40
+    steps: int = DEFAULT_STEPS
     batch_size: int = 2
-    learning_rate: Optional[float] = None      # None: the method's default (DEFAULT_LEARNING_RATES)
+    learning_rate: Optional[float] = None      # None: the method's default (its MethodSpec.learning_rate)
     weight_decay: float = 1e-2
     warmup_fraction: float = 0.1
     segments_per_slice: int = 4
@@ -79,7 +76,7 @@ class FewShotData:
     spacing: tuple[float, float, float]
     segments: list[Segment]
     intensity: pp.IntensityMapping
-    axis: str = "axial"
+    axis: str = "k"                            # a voxel axis key (see slices.py); "axial" still reads as k
     labelled_slices: Optional[list[int]] = None
 
     def resolved_slices(self) -> list[int]:
@@ -88,9 +85,10 @@ class FewShotData:
         if self.labelled_slices is not None:
             bad = [s for s in self.labelled_slices if not 0 <= s < count]
             if bad:
-                raise TrainingInputError(f"Labelled slice(s) {bad} outside 0..{count - 1} along {self.axis}")
+                raise TrainingInputError(f"Labelled slice(s) {bad} outside 0..{count - 1} along voxel axis "
+                                         f"{voxel_axis(self.axis)}")
             return sorted(set(int(s) for s in self.labelled_slices))
-        return pp.occupied_slices(np.isin(self.labels, [s.label for s in self.segments]), self.axis)
+        return labelled_slices(self.labels, [s.label for s in self.segments], self.axis)
 
 
 def check_training_data(data: FewShotData, slices: Optional[list[int]] = None) -> list[int]:
@@ -148,6 +146,22 @@ class TrainingResult:
         }
 
 
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup_fraction: float,
+                           floor: float = 0.05) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up over ``warmup_fraction`` of the steps (at least one), then a cosine down to ``floor``.
+
+    Factor of the base rate at step s (w warm-up steps): (s + 1) / w during
+    warm-up, then floor + (1 - floor) (1 + cos(pi (s - w) / (steps - w))) / 2.
+    """
+    warmup = max(1, int(warmup_fraction * steps))
+    lowest = floor * optimizer.param_groups[0]["lr"]   # read before LinearLR scales the rate down
+    schedulers = torch.optim.lr_scheduler
+    return schedulers.SequentialLR(optimizer, [
+        schedulers.LinearLR(optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=max(warmup - 1, 1)),
+        schedulers.CosineAnnealingLR(optimizer, T_max=max(1, steps - warmup), eta_min=lowest),
+    ], milestones=[warmup])
+
+
 @dataclass
 class _Bank:
     """Augmented copies of the labelled slices, with whatever encoder work is input-only done."""
@@ -160,7 +174,13 @@ class _Bank:
 
 
 class FewShotTrainer:
-    """Fine-tune ``model`` (in place) and learn one prompt per segment."""
+    """Fine-tune ``model`` (in place) and learn one prompt per segment.
+
+    Ready to :meth:`step` once constructed: the constructor applies the
+    method, then builds the bank of augmented copies (with the input-only
+    encoder work done), initialises the prompts and creates the optimiser
+    and its schedule (``setup_seconds`` is that last part).
+    """
 
     def __init__(self, model: PromptableSegmenter, data: FewShotData, config: TrainingConfig) -> None:
         self.model = model
@@ -169,20 +189,29 @@ class FewShotTrainer:
         self.device = resolve_device(config.device)
         self.dtype = autocast_dtype(self.device, config.precision)
         self.slices = data.resolved_slices()
-        self._check_inputs()
+        check_training_data(data, self.slices)
         torch.manual_seed(config.seed)  # adapter initialisation (e.g. SALT's residual X) draws from it
         self.method_config = apply_method(model, config.method, config.method_options)
         self.model.to(self.device).eval()  # frozen BatchNorm statistics; there is no dropout to disable
         self.prompts = SegmentPrompts(len(data.segments)).to(self.device)
-        self.geometry = pp.geometry_for(
+        self.slice_geometry = pp.slice_geometry_for(
             pp.take_slice(data.labels, data.axis, 0).shape, pp.slice_pixel_spacing(data.spacing, data.axis),
             model.input_size)
         self.low_res = 4 * model.embedding_size[0]
-        self.learning_rate = config.learning_rate or DEFAULT_LEARNING_RATES[config.method]
+        self.learning_rate = config.learning_rate or method_spec(config.method).learning_rate
+        # What the method left trainable decides how much encoder work is input-only (done once per copy).
+        self.prefix_depth = model.frozen_prefix_depth()
+        self.frozen_encoder = encoder_is_frozen(model)
 
-    # ------------------------------------------------------------------ checks
-    def _check_inputs(self) -> None:
-        check_training_data(self.data, self.slices)
+        start = time.perf_counter()
+        torch.manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.bank = self._build_bank(self.generator)
+        self._init_prompts(self.bank)
+        self.optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate,
+                                           weight_decay=config.weight_decay)
+        self.schedule = warmup_cosine_schedule(self.optimizer, config.steps, config.warmup_fraction)
+        self.setup_seconds = time.perf_counter() - start
 
     # ------------------------------------------------------------------ data
     def _labelled_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,8 +220,8 @@ class FewShotTrainer:
         for index in self.slices:
             image = pp.rescale_slice(pp.take_slice(volume01, self.data.axis, index))
             labels = pp.take_slice(self.data.labels, self.data.axis, index)
-            images.append(pp.slice_to_input(image, self.geometry))
-            masks.append(torch.stack([pp.mask_to_input(labels == s.label, self.geometry)
+            images.append(pp.slice_to_input(image, self.slice_geometry))
+            masks.append(torch.stack([pp.mask_to_input(labels == s.label, self.slice_geometry)
                                       for s in self.data.segments]))
         return torch.stack(images), torch.stack(masks)
 
@@ -223,8 +252,6 @@ class FewShotTrainer:
     @torch.no_grad()
     def _input_features(self, images: torch.Tensor) -> torch.Tensor:
         """Run the input-only part of the encoder once per copy."""
-        self.prefix_depth = self.model.frozen_prefix_depth()
-        self.frozen_encoder = encoder_is_frozen(self.model)
         if not self.frozen_encoder and self.prefix_depth == 0:
             return images
         outputs = []
@@ -232,9 +259,10 @@ class FewShotTrainer:
             chunk = chunk.to(self.device)
             with autocast(self.device, self.dtype):
                 if self.frozen_encoder:
-                    outputs.append(self.model.encode(chunk, self.geometry.resized_shape))
+                    outputs.append(self.model.encode(chunk, self.slice_geometry.resized_shape))
                 else:
-                    outputs.append(self.model.encode_prefix(chunk, self.geometry.resized_shape, self.prefix_depth))
+                    outputs.append(self.model.encode_prefix(chunk, self.slice_geometry.resized_shape,
+                                                            self.prefix_depth))
         return torch.cat(outputs)
 
     def _embeddings(self, features: torch.Tensor) -> torch.Tensor:
@@ -242,7 +270,7 @@ class FewShotTrainer:
             return features
         if self.prefix_depth:
             return self.model.encode_rest(features, self.prefix_depth)
-        return self.model.encode(features, self.geometry.resized_shape)
+        return self.model.encode(features, self.slice_geometry.resized_shape)
 
     # ------------------------------------------------------------------ prompts
     @torch.no_grad()
@@ -291,13 +319,6 @@ class FewShotTrainer:
         return grown.clamp(0, self.model.input_size - 1)
 
     # ------------------------------------------------------------------ loop
-    def _learning_rate_factor(self, step: int) -> float:
-        warmup = max(1, int(self.config.warmup_fraction * self.config.steps))
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, self.config.steps - warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
     def _step_loss(self, bank: _Bank, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         features = bank.features[batch].to(self.device)
         with autocast(self.device, self.dtype):
@@ -318,16 +339,7 @@ class FewShotTrainer:
         return [p for p in self.model.parameters() if p.requires_grad] + list(self.prompts.parameters())
 
     def prepare(self) -> None:
-        """Build the augmented bank, initialise the prompts and the optimiser (done once, before steps)."""
-        start = time.perf_counter()
-        torch.manual_seed(self.config.seed)
-        self.generator = torch.Generator().manual_seed(self.config.seed)
-        self.bank = self._build_bank(self.generator)
-        self._init_prompts(self.bank)
-        self.optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate,
-                                           weight_decay=self.config.weight_decay)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._learning_rate_factor)
-        self.setup_seconds = time.perf_counter() - start
+        """Nothing is left to prepare: the constructor does it (kept while benchmarks.py still calls it)."""
 
     def step(self) -> tuple[float, float]:
         """One optimisation step; returns (loss, learning rate used)."""
@@ -346,7 +358,6 @@ class FewShotTrainer:
             should_stop: Optional[Callable[[], bool]] = None,
             on_checkpoint: Optional[Callable[[int], None]] = None) -> TrainingResult:
         """Train; ``should_stop`` is polled between steps (SIGTERM lands there), checkpoints every N steps."""
-        self.prepare()
         losses, rates = [], []
         interrupted = False
         train_start = time.perf_counter()

@@ -115,13 +115,17 @@ def _read_sitk(path: str | os.PathLike) -> sitk.Image:
         raise VolumeReadError(f"Cannot read {path}: {first_line}") from None
 
 
+def require_3d_scalar(path: str | os.PathLike, dimension: int, components: int) -> None:
+    """Refuse anything but a scalar 3D volume (from an image or from a header alone)."""
+    if components != 1:
+        raise VolumeReadError(f"{path} has {components} components per voxel; "
+                              "a scalar (single-channel) 3D volume is needed")
+    if dimension != 3:
+        raise VolumeReadError(f"{path} is {dimension}D; a 3D volume is needed")
+
+
 def _require_3d_scalar(image: sitk.Image, path: str | os.PathLike) -> None:
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise VolumeReadError(
-            f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
-            "a scalar (single-channel) 3D volume is needed")
-    if image.GetDimension() != 3:
-        raise VolumeReadError(f"{path} is {image.GetDimension()}D; a 3D volume is needed")
+    require_3d_scalar(path, image.GetDimension(), image.GetNumberOfComponentsPerPixel())
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,7 @@ class VolumeInfo:
     size: tuple[int, ...]
     components: int
     bytes_per_component: int
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)   # row-major, LPS
 
     @property
     def voxels(self) -> int:
@@ -160,7 +165,8 @@ def read_volume_info(path: str | os.PathLike) -> VolumeInfo | None:
         bytes_per_component = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID()).GetSizeOfPixelComponent()
     except RuntimeError:
         bytes_per_component = 8
-    return VolumeInfo(tuple(int(v) for v in reader.GetSize()), components, int(bytes_per_component))
+    return VolumeInfo(tuple(int(v) for v in reader.GetSize()), components, int(bytes_per_component),
+                      tuple(float(v) for v in reader.GetDirection()))
 
 
 # Detached formats: a text header plus a data file named in it (SimpleITK names it after the header).

@@ -1,9 +1,12 @@
-"""Adapter layers (SALT, LoRA, S-SAM), their configs, and model-level helpers."""
+"""Fine-tuning methods (one spec each, :mod:`.methods`), adapter layers (SALT, LoRA, S-SAM), their configs,
+and model-level helpers (inject, save, load, merge)."""
 
 from .base import AdapterConfig, AdapterLayer
 from .injection import (
     AdapterLoadResult,
     adapter_state_dict,
+    apply_method,
+    encoder_is_frozen,
     inject_adapters,
     load_adapter_state_dict,
     make_config,
@@ -12,6 +15,7 @@ from .injection import (
     trainable_parameter_count,
 )
 from .lora import LoRAConfig, LoRAConv2d, LoRALinear
+from .methods import METHOD_SPECS, MethodSpec, method_spec, preset_options
 from .salt import SALTConfig, SALTConv2d, SALTLinear
 from .spectral import SpectralAdapter, canonical_svd, resolve_rank
 from .ssam import SSAMConfig, SSAMConv2d, SSAMLinear
@@ -23,6 +27,8 @@ __all__ = [
     "LoRAConfig",
     "LoRAConv2d",
     "LoRALinear",
+    "METHOD_SPECS",
+    "MethodSpec",
     "SALTConfig",
     "SALTConv2d",
     "SALTLinear",
@@ -31,12 +37,16 @@ __all__ = [
     "SSAMLinear",
     "SpectralAdapter",
     "adapter_state_dict",
+    "apply_method",
     "canonical_svd",
+    "encoder_is_frozen",
     "inject_adapters",
     "load_adapter_state_dict",
     "make_config",
     "mark_trainable",
     "merge_adapters",
+    "method_spec",
+    "preset_options",
     "resolve_rank",
     "trainable_parameter_count",
 ]

@@ -81,7 +81,7 @@ class AdapterLayer(nn.Module):
 
 @dataclasses.dataclass
 class AdapterConfig:
-    """Base of the per-method configs: JSON round-trip helpers and field checks.
+    """Base of the per-method configs: the layer factory, JSON round-trip helpers and field checks.
 
     The fields are the metadata saved next to an adapter file, so they must stay
     plain JSON values; sequences are normalised to tuples so a config rebuilt from
@@ -97,6 +97,10 @@ class AdapterConfig:
                 setattr(self, field.name, tuple(value))
             elif isinstance(value, str) and field.name.endswith(("targets", "trainable")):
                 setattr(self, field.name, (value,))
+
+    def build_layer(self, name: str, module: nn.Module) -> AdapterLayer:
+        """The adapter layer that replaces the target ``module`` (full name ``name``): the method's layer factory."""
+        raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

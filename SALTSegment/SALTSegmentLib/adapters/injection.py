@@ -1,5 +1,8 @@
-"""Put adapters into a model, count and save what trains, and merge them back.
+"""Make a model trainable as a method prescribes: put adapters into it, count and save what trains, merge them back.
 
+:func:`apply_method` is the entry point the trainer and the adapter loader
+share: for an adapter method (SALT, LoRA, S-SAM) it injects the layers; for
+the others it sets which base parameters train (see :mod:`.methods`).
 Injection freezes the whole model, swaps the target layers for adapter layers in
 place, then re-enables gradients only for adapter parameters and the extra
 parameters the config names (layer norms, pos_embed, ...). Saving keeps exactly
@@ -12,19 +15,19 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from .base import AdapterConfig, AdapterLayer
-from .lora import LoRAConfig, LoRAConv2d, LoRALinear
-from .salt import SALTConfig, SALTConv2d, SALTLinear
-from .ssam import SSAMConfig, SSAMConv2d, SSAMLinear
+from .methods import METHOD_SPECS, method_spec
 
 logger = logging.getLogger(__name__)
 
-CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {"salt": SALTConfig, "lora": LoRAConfig, "ssam": SSAMConfig}
+# Method name -> config class, for the methods that inject adapter layers (read from their specs).
+CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
+    name: spec.config_class for name, spec in METHOD_SPECS.items() if spec.config_class is not None}
 
 
 class AdapterLoadResult(NamedTuple):
@@ -64,19 +67,6 @@ def _matches(name: str, prefix: str, module: nn.Module, targets: Iterable[str]) 
     if name in targets or prefix + name in targets:
         return isinstance(module, (nn.Linear, nn.Conv2d))
     return isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
-
-
-def _build(config: AdapterConfig, name: str, module: nn.Module) -> AdapterLayer:
-    conv = isinstance(module, nn.Conv2d)
-    if isinstance(config, SALTConfig):
-        last = name.rsplit(".", 1)[-1]
-        is_attention = last in config.attention_targets or name in config.attention_targets
-        rank = config.attention_rank if is_attention else config.mlp_rank
-        cls = SALTConv2d if conv else SALTLinear
-        return cls(module, rank=rank, lora_rank=config.lora_rank, clamp=config.clamp)
-    if isinstance(config, LoRAConfig):
-        return (LoRAConv2d if conv else LoRALinear)(module, rank=config.rank, alpha=config.alpha)
-    return (SSAMConv2d if conv else SSAMLinear)(module)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -139,7 +129,7 @@ def inject_adapters(
         logger.warning("no %s target among %s found in %s", config.method, list(targets), type(scope_module).__name__)
     injected: dict[str, AdapterLayer] = {}
     for name, module in found:
-        adapter = _build(config, name, module)
+        adapter = config.build_layer(name, module)
         _replace(scope_module, name, adapter)
         for _, param in adapter.adapter_parameters():
             param.requires_grad_(True)
@@ -219,3 +209,27 @@ def load_adapter_state_dict(
         if name not in mismatched:
             params[name].copy_(state[name].to(device=params[name].device, dtype=params[name].dtype))
     return AdapterLoadResult(missing, unexpected, mismatched)
+
+
+def apply_method(model: nn.Module, method: str, options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Make ``model`` trainable as ``method`` prescribes; return the method config to store with the adapter.
+
+    Training and loading both call it, so a saved adapter's tensors fit the
+    model it rebuilds. ``options`` are config fields (an adapter method's
+    only; the others take none).
+    """
+    spec = method_spec(method)
+    options = dict(options or {})
+    if spec.injects_adapters:
+        config = make_config(method, **options)
+        inject_adapters(model, method, config=config)
+        return config.to_dict()
+    if options:
+        raise ValueError(f"Method '{method}' takes no options, got {sorted(options)}")
+    spec.make_trainable(model)
+    return {}
+
+
+def encoder_is_frozen(model: nn.Module) -> bool:
+    """True when nothing in the image encoder trains (its output can be computed once per input)."""
+    return not any(p.requires_grad for p in model.image_encoder.parameters())

@@ -73,3 +73,6 @@ class LoRAConfig(AdapterConfig):
     scope: str = "image_encoder"
 
     method = "lora"
+
+    def build_layer(self, name: str, module: nn.Module) -> AdapterLayer:
+        return (LoRAConv2d if isinstance(module, nn.Conv2d) else LoRALinear)(module, rank=self.rank, alpha=self.alpha)

@@ -71,3 +71,11 @@ class SALTConfig(AdapterConfig):
     @property
     def targets(self) -> tuple[str, ...]:
         return tuple(self.attention_targets) + tuple(self.mlp_targets)
+
+    def build_layer(self, name: str, module: nn.Module) -> SpectralAdapter:
+        """SALT on one target: the attention rank for attention targets, the MLP rank otherwise."""
+        last = name.rsplit(".", 1)[-1]
+        rank = self.attention_rank if last in self.attention_targets or name in self.attention_targets \
+            else self.mlp_rank
+        layer = SALTConv2d if isinstance(module, nn.Conv2d) else SALTLinear
+        return layer(module, rank=rank, lora_rank=self.lora_rank, clamp=self.clamp)

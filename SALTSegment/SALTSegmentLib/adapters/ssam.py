@@ -40,3 +40,6 @@ class SSAMConfig(AdapterConfig):
     scope: str = "image_encoder"
 
     method = "ssam"
+
+    def build_layer(self, name: str, module: nn.Module) -> SpectralAdapter:
+        return (SSAMConv2d if isinstance(module, nn.Conv2d) else SSAMLinear)(module)

@@ -7,7 +7,7 @@ JSON. This module reads that header only, so Slicer's process can list the
 adapter library without importing torch, and :func:`load_adapter_metadata`
 checks everything the header can tell (values, labels, names, the method
 against its tensors) before any model is built. The tensors themselves are
-read by :mod:`SALTSegmentLib.adapter_io` in the worker.
+read by :mod:`SALTSegmentLib.adapter_file` in the worker.
 """
 
 from __future__ import annotations
@@ -22,10 +22,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import __version__
-from .choices import ADAPTER_METHODS, AXES, METHODS, MODEL_IDS
+from ..slices import LEGACY_VOXEL_AXIS
+from .choices import ADAPTER_METHODS, METHODS, MODEL_IDS, PLANES, VOXEL_AXES
 
 FORMAT_NAME = "saltsegment-adapter"
-FORMAT_VERSION = 1
+# 2: "axis" is the voxel axis (i, j, k) of the training slices and "plane" their anatomical plane.
+# 1: "axis" was axial/coronal/sagittal for the voxel axes k/j/i; still read (see _upgrade_version_1).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PROMPT_KEY = "prompts.tokens"
 MAX_LABEL = 65535  # label maps are written as uint16
 _MAX_HEADER_BYTES = 64 << 20
@@ -52,9 +56,10 @@ class AdapterMetadata:
     method: str
     method_config: dict
     intensity: dict
-    axis: str
+    axis: str                       # voxel axis (i, j, k) the training slices were cut along
     segments: list[dict]
     training: dict = field(default_factory=dict)
+    plane: Optional[str] = None     # their anatomical plane; None in format 1 files (see SALTSegmentLib.slices)
     format_version: int = FORMAT_VERSION
     package_version: str = __version__
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
@@ -128,10 +133,10 @@ def _metadata_values(path: Path, header: dict[str, Any]) -> dict[str, Any]:
         version = int(metadata.get("format_version", "0"))
     except (TypeError, ValueError):
         version = -1
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise AdapterFileError(
             f"{path} uses adapter format version {metadata.get('format_version')}; this SALTSegment "
-            f"({__version__}) reads version {FORMAT_VERSION}",
+            f"({__version__}) reads versions {', '.join(map(str, READABLE_VERSIONS))}",
             "use the SALTSegment version that wrote it, or train the adapter again with this one")
     try:
         values = json.loads(metadata["saltsegment"])
@@ -139,6 +144,16 @@ def _metadata_values(path: Path, header: dict[str, Any]) -> dict[str, Any]:
         raise AdapterFileError(f"{path} has corrupt adapter metadata", _NOT_AN_ADAPTER) from None
     if not isinstance(values, dict):
         raise AdapterFileError(f"{path} has corrupt adapter metadata", _NOT_AN_ADAPTER)
+    return _upgrade_version_1(values) if version == 1 else values
+
+
+def _upgrade_version_1(values: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 metadata in format 2 terms: its plane-named "axis" was a voxel axis (axial = k, ...), no plane."""
+    values = dict(values)
+    axis = values.get("axis")
+    if isinstance(axis, str) and axis in LEGACY_VOXEL_AXIS:
+        values["axis"] = LEGACY_VOXEL_AXIS[axis]
+    values["plane"] = None
     return values
 
 
@@ -170,8 +185,10 @@ def metadata_problems(metadata: AdapterMetadata, tensors: dict[str, dict]) -> li
         problems.append(f"unknown base model {metadata.base_model!r} (known: {', '.join(MODEL_IDS)})")
     if not _is_int(metadata.input_size) or metadata.input_size <= 0:
         problems.append(f"input size {metadata.input_size!r} is not a positive whole number")
-    if metadata.axis not in AXES:
-        problems.append(f"unknown axis {metadata.axis!r} (use one of {', '.join(AXES)})")
+    if metadata.axis not in VOXEL_AXES:
+        problems.append(f"unknown axis {metadata.axis!r} (a voxel axis: {', '.join(VOXEL_AXES)})")
+    if metadata.plane is not None and metadata.plane not in PLANES:
+        problems.append(f"unknown plane {metadata.plane!r} (use one of {', '.join(PLANES)})")
     problems += _intensity_problems(metadata.intensity)
     problems += _segment_problems(metadata.segments)
     problems += _method_problems(metadata.method, metadata.method_config, tensors)

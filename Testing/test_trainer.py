@@ -1,0 +1,65 @@
+"""The trainer's set-up: its learning-rate schedule (torch's own schedulers) and an object ready once constructed."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from SALTSegmentLib import preprocessing as pp
+from SALTSegmentLib.adapters import METHOD_SPECS
+from SALTSegmentLib.host.choices import DEFAULT_STEPS
+from SALTSegmentLib.training import FewShotData, FewShotTrainer, TrainingConfig, warmup_cosine_schedule
+from SALTSegmentLib.volume_io import read_image, read_label_map
+
+
+def _formula(steps: int, warmup_fraction: float, floor: float = 0.05) -> list[float]:
+    """Linear warm-up then cosine to the floor, written out (the hand-made LambdaLR this replaced)."""
+    warmup = max(1, int(warmup_fraction * steps))
+    factors = []
+    for step in range(steps):
+        if step < warmup:
+            factors.append((step + 1) / warmup)
+        else:
+            progress = (step - warmup) / max(1, steps - warmup)
+            factors.append(floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return factors
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 10, 37, DEFAULT_STEPS, 100])
+@pytest.mark.parametrize("warmup_fraction", [0.0, 0.1, 0.3])
+def test_warmup_cosine_schedule_gives_the_formula(steps, warmup_fraction):
+    base = 3e-3
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    schedule = warmup_cosine_schedule(optimizer, steps, warmup_fraction)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    np.testing.assert_allclose(rates, [base * f for f in _formula(steps, warmup_fraction)], rtol=1e-12, atol=0)
+
+
+def test_the_trainer_is_ready_to_step_once_constructed(sample_image_path, sample_labels_path):
+    """No prepare() phase: the bank, the prompts, the optimiser and what the encoder does are set by __init__."""
+    from SALTSegmentLib.models import load_model
+
+    image, geometry = read_image(sample_image_path)
+    labels, _, segments = read_label_map(sample_labels_path)
+    image, labels = image[26:32], labels[26:32]
+    kept = [s for s in segments if s.name == "Thalamus_L"]
+    drawn = np.where(labels == kept[0].label, labels, 0)
+    drawn[[0, 1, 3, 5]] = 0
+    data = FewShotData(image, drawn, geometry.spacing, kept, pp.parse_intensity("auto", image), "k")
+    model = load_model("lite_medsam")
+    trainer = FewShotTrainer(model, data, TrainingConfig(method="decoder", steps=3, copies_per_slice=2,
+                                                         batch_size=1, checkpoint_every=0))
+    assert trainer.frozen_encoder and trainer.prefix_depth == model.frozen_prefix_depth()
+    assert trainer.learning_rate == METHOD_SPECS["decoder"].learning_rate
+    assert trainer.slices and trainer.bank.features.shape[0] == 2 * len(trainer.slices)   # two copies each
+    loss, rate = trainer.step()
+    assert math.isfinite(loss) and rate == pytest.approx(trainer.learning_rate)
+    result = trainer.run()                 # continues from where step() left it: no hidden re-initialisation
+    assert result.steps_done == 3 and all(math.isfinite(v) for v in result.losses)
