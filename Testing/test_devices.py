@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -71,3 +73,20 @@ def test_precision_on_cuda_and_cpu(machine, monkeypatch):
         devices.autocast_dtype(cpu, "fp16")
     with pytest.raises(ValueError, match="Unknown precision"):
         devices.autocast_dtype(cpu, "int8")
+
+
+def test_fast_bf16_comes_from_torchs_cpu_query_on_every_system(monkeypatch):
+    """No /proc/cpuinfo read (absent on Windows and macOS): torch's own CPU feature query decides."""
+    devices.cpu_has_fast_bf16.cache_clear()
+    try:
+        expected = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        assert devices.cpu_has_fast_bf16() == expected
+        if os.path.isfile("/proc/cpuinfo"):  # on Linux it agrees with the kernel's flags
+            flags = open("/proc/cpuinfo", encoding="utf-8").read()
+            assert expected == ("avx512_bf16" in flags or "amx_bf16" in flags or "amx_tile" in flags)
+        devices.cpu_has_fast_bf16.cache_clear()
+        monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+        monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+        assert devices.cpu_has_fast_bf16() is False           # a torch without the query: no bf16 by default
+    finally:
+        devices.cpu_has_fast_bf16.cache_clear()

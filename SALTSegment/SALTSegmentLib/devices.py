@@ -1,7 +1,7 @@
 """Device and precision choice: CUDA, then Apple's MPS, then the CPU; a reduced precision where it pays.
 
 bf16 autocast made the LiteMedSAM train step 1.5-1.7x faster on CPUs with
-AVX512-BF16/AMX (DESIGN.md section 6), and is the usual choice on CUDA. On
+AVX512-BF16/AMX (README "Performance"), and is the usual choice on CUDA. On
 other CPUs it is emulated and slower, so it is off there. On MPS, bf16 depends
 on the macOS version and is not reliable: ``auto`` uses fp16 where torch
 offers autocast on MPS, else fp32, and an explicit ``bf16`` is refused there.
@@ -47,13 +47,17 @@ def resolve_device(choice: str = "auto") -> torch.device:
 
 @functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
-    """True when the CPU computes bf16 natively (Linux flags avx512_bf16 or amx_bf16)."""
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), on any operating system.
+
+    Asks torch's own CPU feature query (``torch.cpu``, the cpuinfo library
+    torch is built with): it works on Windows and macOS, where there is no
+    ``/proc/cpuinfo``. A torch without the query counts as no fast bf16.
+    """
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            flags = handle.read()
-    except OSError:
+        return any(bool(check()) for check in checks if check is not None)
+    except RuntimeError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _mps_autocast_available() -> bool:

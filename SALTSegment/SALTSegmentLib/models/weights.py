@@ -69,6 +69,15 @@ def download(url: str, destination: str | os.PathLike, sha256: str,
     ``progress(bytes_done, bytes_total)`` is called after every chunk. A
     truncated transfer or a checksum mismatch leaves nothing at
     ``destination`` (the partial file is written beside it and removed).
+
+    Why not ``torch.hub.download_url_to_file`` (same temp-file-then-move and
+    sha256 prefix check): this one also (1) reports progress to a callback,
+    which the Slicer worker turns into JSON progress events (torch's only
+    draws a tqdm bar on stderr); (2) refuses a transfer shorter than its
+    Content-Length, which torch keeps if no hash is given; (3) times out
+    after 60 s without data instead of waiting forever; (4) says what
+    failed as a :class:`WeightsError` with the byte counts, which the CLI
+    prints as one line.
     """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
