@@ -67,7 +67,7 @@ def test_panel_state_round_trip_and_forgiving_reads():
                        adapter="/lib/a.safetensors")
     assert PanelState.from_parameters(state.to_parameters()) == state
     odd = PanelState.from_parameters({"method": "dora", "device": "tpu", "steps": "many", "first": "-4",
-                                      "whole_volume": "false", "unknown": "x"})
+                                      "whole_volume": "false", "unknown": "x", "axis": "k"})  # the panel: planes
     assert odd == PanelState(whole_volume=False)
     assert PanelState.from_parameters({}) == PanelState()
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Mapping
 
-from .choices import AXES, DEVICES, METHODS, MODEL_IDS, PROPAGATION_MODES, RANK_PRESETS
+from .choices import DEVICES, METHODS, MODEL_IDS, PLANES, PROPAGATION_MODES, RANK_PRESETS
 
 # Node references of the parameter node (role -> what the panel selects there).
 NODE_ROLES = ("InputVolume", "Segmentation", "ReferenceSegmentation")
 RESULT_MODES = ("replace", "add")
 
-_CHOICES = {"method": METHODS, "rank": RANK_PRESETS, "model": MODEL_IDS, "axis": AXES, "device": DEVICES,
+_CHOICES = {"method": METHODS, "rank": RANK_PRESETS, "model": MODEL_IDS, "axis": PLANES, "device": DEVICES,
             "mode": PROPAGATION_MODES, "result": RESULT_MODES}
 
 
