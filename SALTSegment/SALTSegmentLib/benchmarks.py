@@ -119,7 +119,7 @@ def _inference_overhead(trained: FewShotTrainer, data: FewShotData, repeats: int
     merged = merge_adapters(copy.deepcopy(unmerged))
     tokens = trained.prompts.tokens.detach()
     volume01 = data.intensity.apply(data.image)
-    geometry = pp.geometry_for(data.image.shape[1:], pp.slice_pixel_spacing(data.spacing, "axial"), 256)
+    geometry = pp.slice_geometry_for(data.image.shape[1:], pp.slice_pixel_spacing(data.spacing, "axial"), 256)
     inputs = torch.stack([pp.slice_to_input(pp.rescale_slice(volume01[i]), geometry) for i in (20, 30)])
     variants = {"base": base, "unmerged": unmerged, "merged": merged}
     times: dict[str, list[float]] = {name: [] for name in variants}

@@ -17,12 +17,12 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import preprocessing as pp
 from .metrics import evaluate_label_maps, format_table
 from .pipeline import PropagateJob, TrainJob, run_propagation, run_training
 from .propagation import PropagationConfig
 from .report import write_loss_curve, write_montage, write_report
 from .sample_data import sample_paths, spread_slices
+from .slices import array_axis
 from .training import TrainingConfig
 from .volume_io import read_image, read_label_map, write_label_map
 from .worker_protocol import EXIT_INTERRUPTED, EXIT_OK
@@ -42,7 +42,7 @@ def run_demo(out: Path, method: str = "salt", steps: int = 60, mode: str = "box"
     image_path, labels_path = sample_paths()
     image, geometry = read_image(image_path)
     reference, _, segments = read_label_map(labels_path)
-    labelled = spread_slices(reference, labelled_count, axis=pp.slice_axis("axial"))
+    labelled = spread_slices(reference, labelled_count, axis=array_axis("axial"))
     drawn = np.zeros_like(reference)
     drawn[labelled] = reference[labelled]
     drawn_path = write_label_map(out / "labelled_slices.seg.nrrd", drawn, geometry, segments)

@@ -23,12 +23,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import preprocessing as pp
+from .slices import array_axis
 
 
 def _itk_axis(axis: str) -> int:
     """ITK indexes (x, y, z); our arrays are (z, y, x)."""
-    return 2 - pp.slice_axis(axis)
+    return 2 - array_axis(axis)
 
 
 def _run_interpolator(array: np.ndarray, axis: str, label: int,

@@ -26,8 +26,8 @@ from .adapters import merge_adapters
 from .adapter_file import AdapterMetadata, LoadedAdapter, load_adapter, load_adapter_metadata, save_adapter
 from .metrics import EvaluationReport, evaluate_label_maps
 from .models import WeightsError, get_spec, load_model
-from .propagation import (PropagationConfig, PropagationInputError, PropagationProgress, PropagationResult,
-                          VolumePropagator)
+from .propagation import (MODES_NEEDING_LABELS, PropagationConfig, PropagationInputError, PropagationProgress,
+                          PropagationResult, VolumePropagator)
 from .training import (FewShotData, FewShotTrainer, StepReport, TrainingConfig, TrainingInputError, TrainingResult,
                        check_training_data)
 from .segment_matching import SegmentMatch, match_segments
@@ -388,7 +388,7 @@ def _propagate_locked(job: PropagateJob, out: Path, loaded, on_progress, should_
         match = match_segments(label_segments, segments, job.match_by)
         user_labels = match.relabel(drawn)
         labelled = labelled_slices(user_labels, [s.label for s in segments], axis)
-        if job.config.mode == "box" and not labelled:
+        if job.config.mode in MODES_NEEDING_LABELS and not labelled:
             raise _no_drawn_segment_error(job.labels, segments, match)
         if match.by == "value" and match.pairs:
             say(_describe_value_match(job.labels, match, job.match_by))

@@ -1,35 +1,50 @@
 """Segment a whole volume (or a slice range) with an adapted model.
 
-Two modes:
+Three modes:
 
-``auto``  every slice is prompted with the learned tokens of every segment;
-          a voxel takes the most probable segment above the threshold.
-``box``   starts from the labelled slices and walks outwards, prompting each
-          slice with the segment's tokens plus a box around the neighbour's
-          mask (with a margin); a walk stops at the next labelled slice, when
-          the mask vanishes, shrinks abruptly, or its predicted IoU drops.
+``box``          (the default with drawn labels) each segment's shape comes
+                 from the slices the user drew, interpolated between them
+                 (ITK's morphological contour interpolation, honouring
+                 labelled slices where the segment is absent), and its ends
+                 from the model: from the outermost drawn slice a box walk
+                 prompts the adapted model slice by slice, and
+                 :mod:`extent` decides from its answers, the image features
+                 and the user's label spacing where the structure stops. The
+                 interpolation then closes the shape at those ends.
+``interpolate``  Slicer's *Fill between slices* and nothing else: the
+                 baseline a Slicer user already has (:mod:`interpolation`).
+``auto``         no drawn labels needed: every slice is prompted with the
+                 learned tokens of every segment; a voxel takes the most
+                 probable segment above the threshold.
 
-Either way the user's labelled slices come back exactly as drawn, optional
-3D clean-up keeps the largest connected component of each segment, and the
-result is a label map on exactly the input grid.
+The user's labelled slices always come back exactly as drawn, and the result
+is a label map on exactly the input grid.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from . import preprocessing as pp
+from .box_mode import BoxPropagation, PropagationStopped, compose_label_map
+from .estimate import QualityEstimate, SliceSuggestion, leave_one_out, suggest_next_slices
 from .devices import autocast, autocast_dtype, resolve_device
+from .extent import ExtentRule, SegmentExtent
+from .host.choices import PROPAGATION_MODES
+from .interpolation import fill_between_slices
 from .models import PromptableSegmenter
 from .prompts import SegmentPrompts
+from .slices import array_axis, check_slice_range, put_back_slices
 from .volume_io import Segment
 
-MODES = ("auto", "box")
+MODES = PROPAGATION_MODES
+MODES_NEEDING_LABELS = ("box", "interpolate")
 
 
 class PropagationInputError(ValueError):
@@ -38,14 +53,16 @@ class PropagationInputError(ValueError):
 
 @dataclass
 class PropagationConfig:
-    mode: str = "auto"
+    mode: str = "box"
     slice_range: Optional[tuple[int, int]] = None   # inclusive first, last
     batch_size: int = 4
     threshold: float = 0.5
     cleanup: bool = True
-    box_margin_mm: float = 3.0
-    min_predicted_iou: float = 0.5
-    min_area_ratio: float = 0.2
+    box_margin: float = 0.1          # of the box's size, each side (at least one pixel)
+    extent: ExtentRule = field(default_factory=ExtentRule)
+    end_fusion: float = 0.5          # the model's weight against the closing shape beyond the drawn slices
+    inside_fusion: float = 0.0       # the model's weight against the interpolated shape between drawn slices
+    estimate: bool = True            # box mode: leave-one-out quality estimate and next-slice suggestions
     device: str = "auto"
     precision: str = "auto"
 
@@ -64,19 +81,25 @@ class PropagationResult:
     slices: list[int]
     seconds: float
     interrupted: bool = False
+    extents: list[SegmentExtent] = field(default_factory=list)
+    estimate: Optional[QualityEstimate] = None
+    suggestions: list[SliceSuggestion] = field(default_factory=list)
 
 
 class VolumePropagator:
     """Runs an adapted model over the slices of one volume."""
 
-    def __init__(self, model: PromptableSegmenter, prompts: SegmentPrompts, segments: list[Segment],
-                 intensity: pp.IntensityMapping, axis: str, config: PropagationConfig) -> None:
+    def __init__(self, model: Optional[PromptableSegmenter], prompts: Optional[SegmentPrompts],
+                 segments: list[Segment], intensity: pp.IntensityMapping, axis: str,
+                 config: PropagationConfig) -> None:
         if config.mode not in MODES:
-            raise PropagationInputError(f"Unknown propagation mode '{config.mode}'; choose {' or '.join(MODES)}")
+            raise PropagationInputError(f"Unknown propagation mode '{config.mode}'; choose {', '.join(MODES)}")
+        if model is None and config.mode != "interpolate":
+            raise PropagationInputError(f"Propagation mode '{config.mode}' needs the adapted model")
         self.device = resolve_device(config.device)
         self.dtype = autocast_dtype(self.device, config.precision)
-        self.model = model.to(self.device).eval()
-        self.tokens = prompts.tokens.detach().to(self.device)
+        self.model = model.to(self.device).eval() if model is not None else None
+        self.tokens = prompts.tokens.detach().to(self.device) if prompts is not None else None
         self.segments = segments
         self.intensity = intensity
         self.axis = axis
@@ -87,13 +110,15 @@ class VolumePropagator:
         count = pp.slice_count(shape, self.axis)
         if self.config.slice_range is None:
             return list(range(count))
-        first, last = self.config.slice_range
-        if not (0 <= first <= last < count):
-            raise PropagationInputError(f"Slice range {first}:{last} is outside 0:{count - 1} along {self.axis}")
-        return list(range(first, last + 1))
+        return check_slice_range(self.config.slice_range, count, self.axis, PropagationInputError)
+
+    @property
+    def embedding_grid(self) -> int:
+        """Side of the image embedding grid (64 for the 256 px models)."""
+        return self.model.embedding_size[0]
 
     @torch.inference_mode()
-    def _embed(self, volume01: np.ndarray, indices: list[int], geometry: pp.SliceGeometry) -> torch.Tensor:
+    def embed(self, volume01: np.ndarray, indices: list[int], geometry: pp.SliceGeometry) -> torch.Tensor:
         inputs = torch.stack([pp.slice_to_input(pp.rescale_slice(pp.take_slice(volume01, self.axis, i)), geometry)
                               for i in indices]).to(self.device)
         with autocast(self.device, self.dtype):
@@ -106,6 +131,15 @@ class VolumePropagator:
             logits, iou = self.model.decode(embedding[None], sparse)
         return torch.sigmoid(pp.logits_to_slice(logits.float(), geometry)).cpu(), iou.float()[:, 0].cpu()
 
+    @torch.inference_mode()
+    def predict_box(self, embedding: torch.Tensor, k: int, box: np.ndarray, geometry: pp.SliceGeometry) -> np.ndarray:
+        """Probability map (slice grid) of segment ``k``, prompted by its tokens and ``box`` (x0, y0, x1, y1)."""
+        boxes = torch.as_tensor(geometry.boxes_to_input(box), dtype=torch.float32, device=self.device)
+        with autocast(self.device, self.dtype):
+            sparse = torch.cat([self.tokens[k:k + 1], self.model.embed_boxes(boxes).to(self.tokens.dtype)], dim=1)
+        maps, _ = self._decode(embedding, sparse, geometry)
+        return maps[0].numpy()
+
     # ------------------------------------------------------------------ run
     def run(self, image: np.ndarray, spacing: tuple[float, float, float],
             user_labels: Optional[np.ndarray] = None, labelled_slices: Optional[list[int]] = None,
@@ -116,87 +150,61 @@ class VolumePropagator:
         if user_labels is not None and user_labels.shape != image.shape:
             raise PropagationInputError(f"Labels shape {user_labels.shape} differs from image shape {image.shape}")
         labelled = sorted(set(labelled_slices or []))
-        if self.config.mode == "box" and (user_labels is None or not labelled):
-            raise PropagationInputError("Box propagation starts from labelled slices: pass the labels you drew")
+        if self.config.mode in MODES_NEEDING_LABELS and (user_labels is None or not labelled):
+            raise PropagationInputError(
+                f"'{self.config.mode}' propagation starts from labelled slices: pass the labels you drew")
         indices = self._slice_indices(image.shape)
-        volume01 = self.intensity.apply(image)
-        geometry = pp.geometry_for(pp.take_slice(image, self.axis, 0).shape,
-                                   pp.slice_pixel_spacing(spacing, self.axis), self.model.input_size)
-        probabilities = np.zeros((len(self.segments), *image.shape), dtype=np.float16)
 
         def report(done: int, total: int) -> None:
             if on_progress is not None:
                 elapsed = time.perf_counter() - start
                 on_progress(PropagationProgress(done, total, elapsed, elapsed / max(done, 1) * (total - done)))
 
-        if self.config.mode == "auto":
-            interrupted = self._run_auto(volume01, indices, geometry, probabilities, report, should_stop)
-        else:
-            interrupted = self._run_box(volume01, indices, geometry, probabilities, user_labels, labelled,
-                                        spacing, report, should_stop)
-        labels = self._labels_from_probabilities(probabilities)
         values = [s.label for s in self.segments]
+        extents: list[SegmentExtent] = []
+        estimate, suggestions = None, []
+        interrupted = False
+        if self.config.mode == "interpolate":
+            drawn = np.where(np.isin(user_labels, values), user_labels, 0)
+            labels = fill_between_slices(drawn, self.axis).astype(np.uint16)
+            report(1, 1)
+        else:
+            volume01 = self.intensity.apply(image)
+            geometry = pp.slice_geometry_for(pp.take_slice(image, self.axis, 0).shape,
+                                       pp.slice_pixel_spacing(spacing, self.axis), self.model.input_size)
+            if self.config.mode == "auto":
+                labels, interrupted = self._run_auto(volume01, indices, geometry, report, should_stop)
+            else:
+                try:
+                    labels, extents, estimate, suggestions = self._run_box(
+                        volume01, geometry, user_labels, labelled, indices, spacing, report, should_stop)
+                except PropagationStopped:
+                    labels, interrupted = np.zeros(image.shape, np.uint16), True
+        outside = np.ones(pp.slice_count(image.shape, self.axis), dtype=bool)
+        outside[indices] = False
+        labels[_along(outside, self.axis)] = 0
         if user_labels is not None:
-            # Before the clean-up too: the drawn slices join the pieces predicted between them.
-            restore_labelled_slices(labels, user_labels, labelled, self.axis, values)
-        if self.config.cleanup:
-            if user_labels is not None:
-                bound_by_labelled_negatives(labels, user_labels, labelled, self.axis, values)
-            labels = keep_largest_components(labels, values)
-        if user_labels is not None:
-            restore_labelled_slices(labels, user_labels, labelled, self.axis, values)
-        return PropagationResult(labels, indices, time.perf_counter() - start, interrupted)
+            put_back_slices(labels, user_labels, labelled, self.axis, values)
+        return PropagationResult(labels, indices, time.perf_counter() - start, interrupted, extents, estimate,
+                                 suggestions)
 
-    def _run_auto(self, volume01, indices, geometry, probabilities, report, should_stop) -> bool:
+    # ------------------------------------------------------------------ auto
+    def _run_auto(self, volume01, indices, geometry, report, should_stop) -> tuple[np.ndarray, bool]:
+        probabilities = np.zeros((len(self.segments), *volume01.shape), dtype=np.float16)
         for chunk_start in range(0, len(indices), self.config.batch_size):
             if should_stop is not None and should_stop():
-                return True
+                return np.zeros(volume01.shape, np.uint16), True
             chunk = indices[chunk_start:chunk_start + self.config.batch_size]
-            embeddings = self._embed(volume01, chunk, geometry)
+            embeddings = self.embed(volume01, chunk, geometry)
             for row, index in enumerate(chunk):
                 maps, _ = self._decode(embeddings[row], self.tokens, geometry)
                 for k in range(len(self.segments)):
                     pp.put_slice(probabilities[k], self.axis, index, maps[k].numpy())
             report(chunk_start + len(chunk), len(indices))
-        return False
-
-    def _run_box(self, volume01, indices, geometry, probabilities, user_labels, labelled, spacing,
-                 report, should_stop) -> bool:
-        embeddings: dict[int, torch.Tensor] = {}
-        in_range = set(indices)
-        for chunk_start in range(0, len(indices), self.config.batch_size):
-            if should_stop is not None and should_stop():
-                return True
-            chunk = indices[chunk_start:chunk_start + self.config.batch_size]
-            for index, embedding in zip(chunk, self._embed(volume01, chunk, geometry)):
-                embeddings[index] = embedding
-            report(chunk_start + len(chunk), len(indices))
-        row_spacing, _ = pp.slice_pixel_spacing(spacing, self.axis)
-        margin = self.config.box_margin_mm / row_spacing
-        labelled_set = set(labelled)
-        for k, segment in enumerate(self.segments):
-            for seed in labelled:
-                seed_mask = pp.take_slice(user_labels, self.axis, seed) == segment.label
-                if not seed_mask.any():
-                    continue
-                for step in (-1, 1):
-                    previous = seed_mask
-                    index = seed + step
-                    while index in in_range and index not in labelled_set:
-                        box = pp.mask_box(previous, margin)
-                        boxes = torch.as_tensor(geometry.boxes_to_input(box), dtype=torch.float32, device=self.device)
-                        with torch.inference_mode(), autocast(self.device, self.dtype):
-                            sparse = torch.cat([self.tokens[k:k + 1], self.model.embed_boxes(boxes)], dim=1)
-                        maps, iou = self._decode(embeddings[index], sparse, geometry)
-                        mask = maps[0].numpy() > self.config.threshold
-                        if (not mask.any() or float(iou[0]) < self.config.min_predicted_iou
-                                or mask.sum() < self.config.min_area_ratio * previous.sum()):
-                            break
-                        current = pp.take_slice(probabilities[k], self.axis, index)
-                        pp.put_slice(probabilities[k], self.axis, index, np.maximum(current, maps[0].numpy()))
-                        previous = mask
-                        index += step
-        return False
+        labels = self._labels_from_probabilities(probabilities)
+        if self.config.cleanup:
+            labels = keep_largest_components(labels, [s.label for s in self.segments])
+        return labels, False
 
     def _labels_from_probabilities(self, probabilities: np.ndarray) -> np.ndarray:
         best = probabilities.argmax(axis=0)
@@ -204,11 +212,34 @@ class VolumePropagator:
         values = np.array([s.label for s in self.segments], dtype=np.uint16)
         return np.where(confident, values[best], 0).astype(np.uint16)
 
+    # ------------------------------------------------------------------ box
+    def _run_box(self, volume01, geometry, user_labels, labelled, indices, spacing, report, should_stop
+                 ) -> tuple[np.ndarray, list[SegmentExtent], Optional[QualityEstimate], list[SliceSuggestion]]:
+        run = BoxPropagation(self, volume01, geometry, spacing, indices, should_stop)
+        steps = len(self.segments) * (2 if self.config.estimate else 1)
+        results = []
+        for k, segment in enumerate(self.segments):
+            results.append(run.segment(k, segment.name, user_labels == segment.label, labelled))
+            report(k + 1, steps)
+        estimate, suggestions = None, []
+        if self.config.estimate:
+            estimate = leave_one_out(run, self.segments, user_labels, labelled, results)
+            suggestions = suggest_next_slices(self.segments, user_labels, labelled, results, self.axis)
+            report(steps, steps)
+        labels = compose_label_map([None if r is None else r.mask for r in results],
+                                   [s.label for s in self.segments], volume01.shape)
+        return labels, [r.extent for r in results if r is not None], estimate, suggestions
+
+
+def _along(per_slice: np.ndarray, axis: str) -> tuple:
+    """An index that applies a per-slice boolean to a (z, y, x) volume along ``axis``."""
+    selector: list = [slice(None)] * 3
+    selector[array_axis(axis)] = per_slice
+    return tuple(selector)
+
 
 def keep_largest_components(labels: np.ndarray, values: list[int]) -> np.ndarray:
     """Keep each segment's largest 3D connected component (face connectivity)."""
-    from scipy import ndimage
-
     cleaned = labels.copy()
     for value in values:
         mask = labels == value
@@ -220,41 +251,3 @@ def keep_largest_components(labels: np.ndarray, values: list[int]) -> np.ndarray
             sizes[0] = 0
             cleaned[mask & (components != sizes.argmax())] = 0
     return cleaned
-
-
-def bound_by_labelled_negatives(labels: np.ndarray, user_labels: np.ndarray, labelled: list[int], axis: str,
-                                values: list[int]) -> None:
-    """Remove each segment beyond the nearest labelled slice on which the user left it out, in place.
-
-    A labelled slice without a segment is the user saying "not here"; for a
-    single connected structure (what the clean-up assumes) nothing of it can
-    lie on the far side of that slice either.
-    """
-    dim = pp.slice_axis(axis)
-    count = labels.shape[dim]
-    for value in values:
-        present = [i for i in labelled if (pp.take_slice(user_labels, axis, i) == value).any()]
-        if not present:
-            continue
-        absent = [i for i in labelled if i not in present]
-        below = [i for i in absent if i < min(present)]
-        above = [i for i in absent if i > max(present)]
-        first = max(below) + 1 if below else 0
-        last = min(above) - 1 if above else count - 1
-        outside = np.ones(count, dtype=bool)
-        outside[first:last + 1] = False
-        shape = [1, 1, 1]
-        shape[dim] = count
-        labels[(labels == value) & outside.reshape(shape)] = 0
-
-
-def restore_labelled_slices(labels: np.ndarray, user_labels: np.ndarray, labelled: list[int], axis: str,
-                            values: list[int]) -> None:
-    """Put the user's drawing back on every labelled slice, for the propagated segments, in place."""
-    for index in labelled:
-        drawn = pp.take_slice(user_labels, axis, index)
-        current = pp.take_slice(labels, axis, index).copy()
-        current[np.isin(current, values)] = 0
-        selected = np.isin(drawn, values)
-        current[selected] = drawn[selected]
-        pp.put_slice(labels, axis, index, current)

@@ -40,5 +40,6 @@ PLANES = ("axial", "coronal", "sagittal")
 VOXEL_AXES = ("i", "j", "k")
 AXES = PLANES + VOXEL_AXES
 
-# Propagation modes; the engine's list is propagation.MODES, which must equal this one.
-PROPAGATION_MODES = ("auto", "box")
+# Propagation modes: box (drawn slices, interpolated shape, ends from the model), interpolate (Slicer's
+# Fill between slices alone) and auto (learned prompts on every slice, no drawing needed).
+PROPAGATION_MODES = ("box", "interpolate", "auto")

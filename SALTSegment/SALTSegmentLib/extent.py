@@ -1,0 +1,139 @@
+"""Where each structure starts and ends: a decision per end, from evidence available at run time.
+
+Beyond the outermost slice a user drew, a box walk prompts the model slice by
+slice (:mod:`propagation`); each step leaves a :class:`WalkStep`. The walk
+decides how far the structure goes from three kinds of evidence:
+
+- the user's own labels: a labelled slice without the segment is a hard end,
+  and the spacing of the drawn slices is a soft bound (a structure drawn every
+  5 slices rarely runs 15 slices past the last one; a single drawn slice
+  bounds the extent by the structure's in-plane radius, as for a round lesion);
+- the image: how much the predicted region looks like the drawn structure in
+  the encoder's features (:mod:`appearance`), relative to how the drawn
+  slices themselves score;
+- the shape: a predicted region that vanishes or shrinks to a sliver of the
+  last drawn one.
+
+The decided end becomes a labelled "absent" slice just past it, so the shape
+interpolation closes the structure there (:mod:`interpolation`). Every end
+carries the reason it was chosen; the report and the Slicer log show them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+# Why an end is where it is (report strings).
+END_DRAWN = "drawn up to a labelled slice without it"
+END_EDGE = "edge of the volume"
+END_RANGE = "edge of the slice range"
+END_EMPTY = "the model found nothing"
+END_SHRANK = "the region shrank to a sliver"
+END_APPEARANCE = "the region stopped looking like the drawn structure"
+END_SPACING = "the spacing of the drawn slices bounds it"
+
+
+@dataclass(frozen=True)
+class ExtentRule:
+    """Thresholds of the end decision (chosen on the development set; see README "Quality")."""
+
+    spacing_bound: float = 1.0        # x the user's label spacing beyond the outermost drawn slice
+    radius_bound: float = 1.0         # x in-plane radius / slice spacing, when one slice is drawn
+    min_similarity: float = 0.6       # x the drawn slices' own appearance score
+    min_area_ratio: float = 0.1       # x the area of the outermost drawn slice
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class WalkStep:
+    """The model's answer on one slice of a walk outwards from the outermost drawn slice."""
+
+    index: int
+    area: int                          # predicted pixels
+    similarity: Optional[float]        # appearance score / the drawn slices' score; None if nothing found
+
+
+@dataclass
+class SegmentEnd:
+    """The outermost slice holding the segment at one end, and why."""
+
+    slice: int
+    reason: str
+    beyond_drawn: int                  # slices past the outermost drawn one
+
+
+@dataclass
+class SegmentExtent:
+    """A segment's first and last slice along the slice axis."""
+
+    name: str
+    first: SegmentEnd
+    last: SegmentEnd
+
+    def to_dict(self) -> dict:
+        return {"segment": self.name, "first": self.first.slice, "last": self.last.slice,
+                "first_reason": self.first.reason, "last_reason": self.last.reason,
+                "beyond_drawn": [self.first.beyond_drawn, self.last.beyond_drawn]}
+
+    def describe(self) -> str:
+        return (f"{self.name}: slices {self.first.slice}-{self.last.slice} "
+                f"(first: {self.first.reason}; last: {self.last.reason})")
+
+
+def label_spacing(drawn: Sequence[int]) -> Optional[float]:
+    """How far apart the user drew a segment: the largest gap between its drawn slices.
+
+    The largest gap, not the mean: slices drawn for *other* segments often
+    land inside this one's extent and would make the user's spacing look
+    denser than it was.
+    """
+    drawn = sorted(drawn)
+    if len(drawn) < 2:
+        return None
+    return float(max(b - a for a, b in zip(drawn[:-1], drawn[1:])))
+
+
+def equivalent_radius_slices(area_pixels: int, pixel_area_mm2: float, slice_spacing_mm: float) -> float:
+    """In-plane radius of a drawn region (as a disc), in slices: a round structure's reach along the axis."""
+    return math.sqrt(max(area_pixels, 0) * pixel_area_mm2 / math.pi) / slice_spacing_mm
+
+
+def spacing_limit(rule: ExtentRule, drawn: Sequence[int], end_area: int, pixel_area_mm2: float,
+                  slice_spacing_mm: float) -> int:
+    """Slices past the outermost drawn one the evidence may reach (soft bound, at least 1)."""
+    spacing = label_spacing(drawn)
+    if spacing is None:
+        reach = rule.radius_bound * equivalent_radius_slices(end_area, pixel_area_mm2, slice_spacing_mm)
+    else:
+        reach = rule.spacing_bound * spacing
+    return max(1, int(round(reach)))
+
+
+def decide_end(rule: ExtentRule, outermost: int, walk: Sequence[WalkStep], end_area: int,
+               exhausted_reason: str) -> SegmentEnd:
+    """The last slice of the segment beyond ``outermost``, from the walk's evidence.
+
+    ``walk`` holds the model's answers in order, moving away from the
+    outermost drawn slice; ``exhausted_reason`` says why it went no further
+    when the evidence never said stop (the spacing bound, a labelled slice
+    without the segment, the edge of the volume or of the slice range).
+    """
+    last = outermost
+    for taken, observed in enumerate(walk, start=1):
+        if observed.area == 0:
+            return SegmentEnd(last, END_EMPTY, taken - 1)
+        if observed.area < rule.min_area_ratio * end_area:
+            return SegmentEnd(last, END_SHRANK, taken - 1)
+        if observed.similarity is not None and observed.similarity < rule.min_similarity:
+            return SegmentEnd(last, END_APPEARANCE, taken - 1)
+        last = observed.index
+    return SegmentEnd(last, exhausted_reason, len(walk))
+
+
+def ends_as_absent_slices(extent: SegmentExtent, count: int) -> list[int]:
+    """Slices just past each end, inside the volume: "absent here" for the shape interpolation."""
+    return [index for index in (extent.first.slice - 1, extent.last.slice + 1) if 0 <= index < count]
