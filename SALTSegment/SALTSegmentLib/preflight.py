@@ -106,6 +106,9 @@ def check_label_map_suffix(path: Path) -> None:
 # in-process for SAM ViT-B (random weights) at 256 and 512 px; the ViT-B
 # terms at 1024 px and the ViT-L/H ones are extrapolated from those. Re-run the
 # script after changing training or propagation and update the constants.
+# Measured peak / estimate in MiB (LiteMedSAM, SALT, batch 2, 5 labelled slices):
+# train (40 steps) sample 4354 / 4034, CT 3918 / 4092; propagate sample auto
+# 1763 / 1657, box 1990 / 1911; CT auto 1947 / 2145, box 2082 / 2490.
 
 _MIB = 1 << 20
 # Python, torch, SimpleITK, scipy and the package itself, imported.
