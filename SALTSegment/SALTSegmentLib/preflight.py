@@ -1,4 +1,4 @@
-"""Checks made before a job starts: can the output be written, and will the job fit in memory.
+"""Checks made before a job starts: can the output be written (and is it no input), will the job fit in memory.
 
 They run before any model is loaded, so a bad output path or a volume too
 large for this machine costs the user seconds, not a training run.
@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+import psutil
 
 MEMORY_LIMIT_ENV = "SALTSEGMENT_MEMORY_LIMIT_BYTES"
 ADAPTER_SUFFIX = ".safetensors"
@@ -233,10 +235,8 @@ def available_memory_bytes() -> Optional[int]:
         except ValueError:
             raise ValueError(f"{MEMORY_LIMIT_ENV} must be a number of bytes, not '{override}'") from None
     try:
-        import psutil
-
         return int(psutil.virtual_memory().available + psutil.Process().memory_info().rss)
-    except (ImportError, OSError, RuntimeError):
+    except (OSError, RuntimeError):
         return None
 
 
