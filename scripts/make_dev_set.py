@@ -22,7 +22,7 @@ Cases (``cases.json`` lists them with their slice axis and protocol):
 - ``ch2_aal_posterior_fossa``: MR, four small cerebellar structures
   (flocculi, lobules III), axial;
 - ``ch2_aal_coronal``: MR, insula and anterior cingulum, labelled on
-  *coronal* slices;
+  *coronal* slices (voxel axis j);
 - ``lung1_lesion``: CT, a lung lesion (5 mm slices);
 - ``brain2_lesion``: MR, a brain lesion (6.5 mm slices);
 - ``breast1_lesion``: MR, a breast lesion (2.1 mm slices, 45 x 120 pixels).
@@ -55,20 +55,21 @@ PYRADIOMICS_SHA256 = "47c57f441d6cb7973fa3b2ea48d3948df78e3348e1c69e1e2ff1900160
 PYRADIOMICS_CASES = ("lung1", "brain2", "breast1")   # lung2 and brain1 are held out
 HELD_OUT_NAMES = ("lung2", "brain1")
 
-# name -> AAL values (name, colour) of the structures, voxel crop (start x, y, z; size x, y, z), slice axis.
+# name -> AAL values (name, colour) of the structures, voxel crop (start x, y, z; size x, y, z), slice axis
+# (voxel axis: k slices axial planes of these volumes, j coronal ones).
 AAL_CASES = {
     "ch2_aal_small": {
         "structures": {79: ("Heschl_L", (0.85, 0.33, 0.10)), 80: ("Heschl_R", (0.96, 0.63, 0.45)),
                        21: ("Olfactory_L", (0.00, 0.57, 0.79)), 22: ("Olfactory_R", (0.47, 0.78, 0.93))},
-        "crop": ((18, 84, 42), (148, 84, 56)), "axis": "axial"},
+        "crop": ((18, 84, 42), (148, 84, 56)), "axis": "k"},
     "ch2_aal_posterior_fossa": {
         "structures": {107: ("Flocculus_L", (0.47, 0.67, 0.19)), 108: ("Flocculus_R", (0.74, 0.87, 0.52)),
                        95: ("Cerebellum_III_L", (0.49, 0.18, 0.56)), 96: ("Cerebellum_III_R", (0.80, 0.62, 0.86))},
-        "crop": ((45, 55, 14), (96, 64, 62)), "axis": "axial"},
+        "crop": ((45, 55, 14), (96, 64, 62)), "axis": "k"},
     "ch2_aal_coronal": {
         "structures": {29: ("Insula_L", (0.95, 0.75, 0.25)), 30: ("Insula_R", (0.99, 0.88, 0.55)),
                        31: ("Cingulum_Ant_L", (0.30, 0.65, 0.90)), 32: ("Cingulum_Ant_R", (0.60, 0.80, 0.95))},
-        "crop": ((34, 84, 44), (116, 106, 68)), "axis": "coronal"},
+        "crop": ((34, 84, 44), (116, 106, 68)), "axis": "j"},
 }
 
 
@@ -134,7 +135,7 @@ def make_pyradiomics_cases(sdist: Path, out: Path) -> list[dict]:
             labels = (sitk.GetArrayFromImage(label_image) > 0).astype(np.uint16)
             modality = "CT" if stem.startswith("lung") else "MR"
             case = _write_case(out, f"{stem}_lesion", image, labels, [Segment(1, "Lesion", (0.9, 0.35, 0.3))])
-            case.update(modality=modality, kind="lesion", axis="axial", source=f"pyradiomics 3.0.1 data/{stem}")
+            case.update(modality=modality, kind="lesion", axis="k", source=f"pyradiomics 3.0.1 data/{stem}")
             cases.append(case)
     return cases
 

@@ -185,12 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--models", default="lite_medsam,sam_vit_b", help="speed: base models (random ViT weights)")
     bench.add_argument("--vit-input-size", type=int, choices=(256, 512, 1024), default=256,
                        help="speed: input size of the ViT models")
-    bench.add_argument("--counts", type=_int_list, default=[1, 3, 5, 9], help="quality: labelled slice counts")
-    bench.add_argument("--methods", default="salt,lora,ssam,decoder", help="quality: methods")
-    bench.add_argument("--seeds", type=_int_list, default=[0, 1])
+    bench.add_argument("--dev", metavar="DIR",
+                       help="quality: the development set made by scripts/make_dev_set.py (default: the embedded "
+                            "sample only)")
+    bench.add_argument("--cases", help="quality: comma-separated case names of the development set (default: all)")
+    bench.add_argument("--counts", type=_int_list, default=[3, 5],
+                       help="quality: drawn slices per structure (anatomy; lesions get their middle slice)")
+    bench.add_argument("--protocol", choices=("per_structure", "global"), default="per_structure",
+                       help="quality: draw COUNT slices inside each structure, or spread COUNT over all of them")
+    bench.add_argument("--methods", default="salt,lora", help="quality: methods")
+    bench.add_argument("--seeds", type=_int_list, default=[0])
     bench.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS)
     bench.add_argument("--image", help="quality: a labelled volume of your own (default: the embedded sample)")
     bench.add_argument("--labels", help="quality: its full reference label map")
+    bench.add_argument("--axis", default="k", help="quality, with --image: the voxel axis to label along (k, j, i)")
+    bench.add_argument("--no-oracle", action="store_true", help="quality: skip the zero-shot oracle-box line")
+    bench.add_argument("--no-suggestion", action="store_true",
+                       help="quality: skip the extra-slice experiment (suggested vs evenly chosen slice)")
     bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     models = commands.add_parser("models", help="list base models, or download one")
@@ -331,24 +342,34 @@ def _download_json(model_id: str) -> int:
 
 
 def _bench(args) -> int:
-    from . import benchmarks
     from .atomic_files import atomic_path
+    from .bench import cases, quality, speed
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     if args.kind == "speed":
-        results = benchmarks.bench_speed(tuple(args.models.split(",")), args.repeats, say, args.vit_input_size)
+        results = speed.bench_speed(tuple(args.models.split(",")), args.repeats, say, args.vit_input_size)
         with atomic_path(out / "speed.json") as temporary:
             temporary.write_text(json.dumps(results, indent=2))
         print(json.dumps(results))
         return EXIT_OK
     if bool(args.image) != bool(args.labels):
         raise ValueError("Give both --image and --labels (a full reference), or neither")
-    results = benchmarks.bench_quality(tuple(args.counts), tuple(args.methods.split(",")), tuple(args.seeds),
-                                       args.steps, image_path=args.image, labels_path=args.labels, say=say)
-    paths = benchmarks.write_quality_outputs(results, out)
-    print(benchmarks.quality_table(results))
+    if args.image:
+        chosen = [cases.load_case(Path(args.image).name, args.image, args.labels, args.axis)]
+    elif args.dev:
+        names = [n.strip() for n in args.cases.split(",")] if args.cases else None
+        chosen = [cases.sample_case()] + cases.development_cases(args.dev, names)
+        if names:
+            chosen = [c for c in chosen if c.name in names]
+    else:
+        chosen = [cases.sample_case()]
+    results = quality.bench_quality(chosen, tuple(args.counts), tuple(args.methods.split(",")), tuple(args.seeds),
+                                    args.steps, args.protocol, oracle=not args.no_oracle,
+                                    suggest=not args.no_suggestion, say=say)
+    paths = quality.write_quality_outputs(results, out)
+    print(quality.quality_table(results))
     print("wrote " + ", ".join(str(p) for p in paths))
     return EXIT_OK
 

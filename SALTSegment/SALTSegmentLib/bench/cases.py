@@ -1,0 +1,93 @@
+"""The labelled volumes the quality benchmark runs on, and how a user would label them.
+
+A case is a volume with a full reference segmentation. The embedded sample is
+always one; ``scripts/make_dev_set.py`` writes the development set (real CT
+and MR, anatomy and lesions, from registry packages) with a ``cases.json``.
+
+Labelling protocols simulate the radiologist: each structure gets ``count``
+slices spread inside its extent, its first and last slices left out (they are
+where a user is least sure), and every structure present on a chosen slice is
+drawn there, so a chosen slice without a structure tells the truth ("not
+here"). A structure too short for that (a lesion on three slices) gets its
+middle slice. ``global`` spreads ``count`` slices over all structures together,
+as the demo does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..sample_data import sample_paths, spread_slices
+from ..slices import array_axis, occupied_slices, put_back_slices
+from ..volume_io import Segment, VolumeGeometry, read_image, read_label_map
+
+PROTOCOLS = ("per_structure", "global")
+
+
+@dataclass
+class BenchCase:
+    """A labelled volume: image, full reference, the slice axis and what kind of case it is."""
+
+    name: str
+    image: np.ndarray
+    geometry: VolumeGeometry
+    reference: np.ndarray
+    segments: list[Segment]
+    axis: str
+    kind: str                # "anatomy" or "lesion"
+    modality: str
+
+    def labelled_slices(self, count: int, protocol: str = "per_structure") -> list[int]:
+        """The slices a user would draw: ``count`` per structure (or spread over all, ``global``)."""
+        if protocol == "global":
+            return spread_slices(self.reference, count, array_axis(self.axis))
+        if protocol != "per_structure":
+            raise ValueError(f"Unknown labelling protocol '{protocol}'; choose {' or '.join(PROTOCOLS)}")
+        chosen: set[int] = set()
+        for segment in self.segments:
+            occupied = occupied_slices(self.reference == segment.label, self.axis)
+            first, last = occupied[0], occupied[-1]
+            if last - first + 1 <= count:
+                chosen.add((first + last) // 2)
+                continue
+            chosen.update(int(round(p)) for p in np.linspace(first, last, count + 2)[1:-1])
+        return sorted(chosen)
+
+    def drawn(self, labelled: list[int]) -> np.ndarray:
+        """The reference on the labelled slices only: what the user drew."""
+        return put_back_slices(np.zeros_like(self.reference), self.reference, labelled, self.axis)
+
+
+def sample_case() -> BenchCase:
+    """The embedded T1 MR sample (eight AAL deep grey structures), labelled axially."""
+    image_path, labels_path = sample_paths()
+    return load_case("sample", image_path, labels_path, axis="k", kind="anatomy", modality="MR")
+
+
+def load_case(name: str, image_path: str | Path, labels_path: str | Path, axis: str = "k",
+              kind: str = "anatomy", modality: str = "") -> BenchCase:
+    image, geometry = read_image(image_path)
+    reference, _, segments = read_label_map(labels_path)
+    present = [s for s in segments if (reference == s.label).any()]
+    return BenchCase(name, image, geometry, reference, present, axis, kind, modality)
+
+
+def development_cases(folder: str | Path, names: Optional[list[str]] = None) -> list[BenchCase]:
+    """The cases of a development set made by ``scripts/make_dev_set.py`` (``cases.json``)."""
+    folder = Path(folder)
+    listing = folder / "cases.json"
+    if not listing.is_file():
+        raise FileNotFoundError(f"{listing} not found: make the development set with scripts/make_dev_set.py")
+    cases = []
+    for entry in json.loads(listing.read_text()):
+        if names and entry["name"] not in names:
+            continue
+        axis = {"axial": "k", "coronal": "j", "sagittal": "i"}.get(entry["axis"], entry["axis"])
+        cases.append(load_case(entry["name"], folder / entry["image"], folder / entry["labels"], axis,
+                               entry.get("kind", "anatomy"), entry.get("modality", "")))
+    return cases

@@ -1,0 +1,278 @@
+"""``saltsegment bench quality``: few-shot quality against what the user already has, case by case.
+
+For every case, labelling protocol and count, on the same drawn slices:
+
+- Slicer's *Fill between slices* (ITK's morphological contour interpolation,
+  :mod:`interpolation`): the free one-click baseline;
+- zero-shot LiteMedSAM with the reference box (+5 px) on every slice: an
+  oracle no user has, per structure;
+- the propagation (box mode) after fine-tuning each method, with its extents
+  against the true ones, its leave-one-out estimate against the truth, and a
+  second propagation with one more slice per structure drawn where the
+  propagation suggests versus evenly (the middle of the widest gap).
+
+Scores are 3D Dice over the slices the user did not draw, per structure.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from .. import preprocessing as pp
+from ..adapters import merge_adapters
+from ..interpolation import fill_between_slices
+from ..metrics import dice
+from ..models import load_model
+from ..propagation import PropagationConfig, VolumePropagator
+from ..slices import occupied_slices
+from ..training import FewShotData, FewShotTrainer, TrainingConfig
+from .cases import BenchCase
+
+Say = Callable[[str], None]
+
+
+def unlabelled_dice(prediction: np.ndarray, case: BenchCase, labelled: Sequence[int]) -> dict[str, float]:
+    """3D Dice per structure over the slices not in ``labelled``."""
+    keep = np.ones(pp.slice_count(case.reference.shape, case.axis), dtype=bool)
+    keep[list(labelled)] = False
+    selector: list = [slice(None)] * 3
+    selector[pp.SLICE_AXES[case.axis]] = keep
+    region = tuple(selector)
+    return {s.name: round(dice(prediction[region] == s.label, case.reference[region] == s.label), 4)
+            for s in case.segments}
+
+
+def true_extent(case: BenchCase, segment) -> tuple[int, int]:
+    occupied = occupied_slices(case.reference == segment.label, case.axis)
+    return occupied[0], occupied[-1]
+
+
+def zero_shot_box_dice(case: BenchCase, margin: int = 5) -> dict[str, float]:
+    """Mean slice Dice of base LiteMedSAM prompted with the reference box on every slice (an oracle)."""
+    from ..predictor import SlicePredictor
+
+    predictor = SlicePredictor(load_model("lite_medsam"))
+    volume01 = pp.parse_intensity("auto", case.image).apply(case.image)
+    pixel_spacing = pp.slice_pixel_spacing(case.geometry.spacing, case.axis)
+    scores: dict[str, list[float]] = {s.name: [] for s in case.segments}
+    for index in range(pp.slice_count(case.image.shape, case.axis)):
+        reference = pp.take_slice(case.reference, case.axis, index)
+        present = [s for s in case.segments if (reference == s.label).any()]
+        if not present:
+            continue
+        predictor.set_slice(pp.take_slice(volume01, case.axis, index), pixel_spacing)
+        boxes = np.stack([pp.mask_box(reference == s.label, margin) for s in present])
+        logits, _ = predictor.predict_boxes(boxes)
+        for segment, mask in zip(present, logits.numpy() > 0):
+            scores[segment.name].append(dice(mask, reference == segment.label))
+    return {name: round(float(np.mean(values)), 4) for name, values in scores.items() if values}
+
+
+@dataclass
+class QualityRun:
+    """One fine-tuning + propagation on one case, protocol and count."""
+
+    case: str
+    protocol: str
+    count: int
+    labelled: list[int]
+    method: str
+    seed: int
+    dice: dict[str, float]
+    fill_between_slices: dict[str, float]
+    ends_within_2: int
+    ends: int
+    extents: list[dict]
+    estimate: Optional[dict]
+    train_s: float
+    propagate_s: float
+    suggestion: Optional[dict] = None
+
+    @property
+    def mean_dice(self) -> float:
+        return float(np.mean(list(self.dice.values())))
+
+    @property
+    def mean_fill(self) -> float:
+        return float(np.mean(list(self.fill_between_slices.values())))
+
+
+@dataclass
+class QualityResults:
+    runs: list[QualityRun] = field(default_factory=list)
+    zero_shot: dict[str, dict[str, float]] = field(default_factory=dict)   # case -> structure -> Dice
+
+    def to_dict(self) -> dict:
+        return {"runs": [dict(asdict(r), mean_dice=r.mean_dice, mean_fill_between_slices=r.mean_fill)
+                         for r in self.runs],
+                "zero_shot_oracle_box": self.zero_shot}
+
+
+def _propagate(trainer: FewShotTrainer, case: BenchCase, drawn: np.ndarray, labelled: list[int],
+               config: PropagationConfig):
+    propagator = VolumePropagator(trainer.model, trainer.prompts, case.segments, trainer.data.intensity, case.axis,
+                                  config)
+    return propagator.run(case.image, case.geometry.spacing, drawn, labelled)
+
+
+def _extent_errors(case: BenchCase, extents) -> tuple[int, int, list[dict]]:
+    by_name = {e.name: e for e in extents}
+    within, total, rows = 0, 0, []
+    for segment in case.segments:
+        if segment.name not in by_name:
+            continue
+        first, last = true_extent(case, segment)
+        extent = by_name[segment.name]
+        errors = (extent.first.slice - first, extent.last.slice - last)
+        within += sum(abs(e) <= 2 for e in errors)
+        total += 2
+        rows.append(dict(extent.to_dict(), true_first=first, true_last=last, errors=list(errors)))
+    return within, total, rows
+
+
+def _suggestion_experiment(trainer, case, labelled, result, config) -> dict:
+    """One more drawn slice per structure: where the propagation suggests vs the middle of the widest gap."""
+    suggested = {s.segment: s.slice for s in result.suggestions}
+    even: dict[str, int] = {}
+    for segment in case.segments:
+        present = [i for i in labelled if (pp.take_slice(case.reference, case.axis, i) == segment.label).any()]
+        gaps = [(b - a, (a + b) // 2) for a, b in zip(present[:-1], present[1:]) if b - a > 1]
+        if gaps:
+            even[segment.name] = max(gaps)[1]
+    scores = {}
+    extra_all = set(suggested.values()) | set(even.values())
+    for name, extra in (("suggested", set(suggested.values())), ("even", set(even.values()))):
+        more = sorted(set(labelled) | extra)
+        drawn = case.drawn(more)
+        propagated = _propagate(trainer, case, drawn, more, config)
+        scores[name] = unlabelled_dice(propagated.labels, case, sorted(set(labelled) | extra_all))
+    return {"suggested_slices": suggested, "even_slices": even,
+            "mean_dice": {k: round(float(np.mean(list(v.values()))), 4) for k, v in scores.items()},
+            "dice": scores}
+
+
+def bench_case(case: BenchCase, counts: Sequence[int], methods: Sequence[str], seeds: Sequence[int],
+               steps: int, protocol: str = "per_structure", suggest: bool = True,
+               say: Say = print) -> list[QualityRun]:
+    """Every (count, method, seed) run on one case."""
+    runs = []
+    for count in counts:
+        labelled = case.labelled_slices(count, protocol)
+        drawn = case.drawn(labelled)
+        fill = unlabelled_dice(fill_between_slices(drawn, case.axis), case, labelled)
+        for method in methods:
+            for seed in seeds:
+                data = FewShotData(case.image, drawn, case.geometry.spacing, case.segments,
+                                   pp.parse_intensity("auto", case.image), case.axis, labelled)
+                trainer = FewShotTrainer(load_model("lite_medsam"), data,
+                                         TrainingConfig(method=method, steps=steps, seed=seed))
+                trained = trainer.run()
+                merge_adapters(trainer.model)
+                config = PropagationConfig(mode="box")
+                start = time.perf_counter()
+                result = _propagate(trainer, case, drawn, labelled, config)
+                propagate_s = time.perf_counter() - start
+                within, total, extents = _extent_errors(case, result.extents)
+                run = QualityRun(case.name, protocol, count, labelled, method, seed,
+                                 unlabelled_dice(result.labels, case, labelled), fill, within, total, extents,
+                                 result.estimate.to_dict() if result.estimate else None,
+                                 round(trained.train_seconds, 1), round(propagate_s, 1))
+                if suggest and method == methods[0] and seed == seeds[0] and case.kind == "anatomy":
+                    run.suggestion = _suggestion_experiment(trainer, case, labelled, result, config)
+                runs.append(run)
+                say(f"{case.name} {protocol} {count}: {method} seed {seed}: {run.mean_dice:.3f} "
+                    f"(Fill between slices {run.mean_fill:.3f}), ends within 2: {within}/{total}, "
+                    f"train {run.train_s:.0f} s, propagate {run.propagate_s:.0f} s")
+    return runs
+
+
+def bench_quality(cases: Sequence[BenchCase], counts: Sequence[int] = (3, 5), methods: Sequence[str] = ("salt",),
+                  seeds: Sequence[int] = (0,), steps: int = 40, protocol: str = "per_structure",
+                  lesion_counts: Sequence[int] = (1,), oracle: bool = True, suggest: bool = True,
+                  say: Say = print) -> QualityResults:
+    """Quality over cases: anatomy at ``counts`` slices per structure, lesions at ``lesion_counts``."""
+    results = QualityResults()
+    for case in cases:
+        case_counts = lesion_counts if case.kind == "lesion" else counts
+        results.runs.extend(bench_case(case, case_counts, methods, seeds, steps, protocol, suggest, say))
+        if oracle:
+            results.zero_shot[case.name] = zero_shot_box_dice(case)
+    return results
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else float("nan")
+
+
+def quality_table(results: QualityResults) -> str:
+    """Markdown: per case and count, Fill between slices, each method, the oracle; then per structure."""
+    methods = list(dict.fromkeys(r.method for r in results.runs))
+    lines = ["| case | drawn per structure | Fill between slices | " + " | ".join(methods)
+             + " | ends within 2 slices | zero-shot oracle box |",
+             "|---|---|---|" + "---|" * len(methods) + "---|---|"]
+    keys = list(dict.fromkeys((r.case, r.count) for r in results.runs))
+    for case, count in keys:
+        runs = [r for r in results.runs if r.case == case and r.count == count]
+        cells = [f"{_mean(r.mean_dice for r in runs if r.method == m):.3f}" for m in methods]
+        within = sum(r.ends_within_2 for r in runs)
+        total = sum(r.ends for r in runs)
+        oracle = results.zero_shot.get(case)
+        lines.append(f"| {case} | {count} | {runs[0].mean_fill:.3f} | " + " | ".join(cells)
+                     + f" | {within}/{total} | {_mean(oracle.values()) if oracle else float('nan'):.3f} |")
+    lines += ["", "| case | drawn | structure | Fill between slices | " + " | ".join(methods)
+              + " | zero-shot oracle box |", "|---|---|---|---|" + "---|" * len(methods) + "---|"]
+    for case, count in keys:
+        runs = [r for r in results.runs if r.case == case and r.count == count]
+        for structure, fill in runs[0].fill_between_slices.items():
+            cells = [f"{_mean(r.dice[structure] for r in runs if r.method == m):.3f}" for m in methods]
+            oracle = results.zero_shot.get(case, {}).get(structure, float("nan"))
+            lines.append(f"| {case} | {count} | {structure} | {fill:.3f} | " + " | ".join(cells) + f" | {oracle:.3f} |")
+    return "\n".join(lines)
+
+
+def write_quality_outputs(results: QualityResults, folder: Path) -> tuple[Path, Path, Path]:
+    """quality.json, quality.md and quality.png (per case: Fill between slices vs each method)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ..atomic_files import atomic_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, md_path, png_path = folder / "quality.json", folder / "quality.md", folder / "quality.png"
+    with atomic_path(json_path) as temporary:
+        temporary.write_text(json.dumps(results.to_dict(), indent=2))
+    with atomic_path(md_path) as temporary:
+        temporary.write_text(quality_table(results) + "\n")
+    keys = list(dict.fromkeys((r.case, r.count) for r in results.runs))
+    methods = list(dict.fromkeys(r.method for r in results.runs))
+    figure = Figure(figsize=(max(6, 0.9 * len(keys) + 2), 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    positions = np.arange(len(keys))
+    width = 0.8 / (len(methods) + 2)
+    fill = [next(r.mean_fill for r in results.runs if (r.case, r.count) == key) for key in keys]
+    axes.bar(positions - width * (len(methods) + 1) / 2, fill, width, label="Fill between slices", color="grey")
+    for offset, method in enumerate(methods, start=1):
+        values = [_mean(r.mean_dice for r in results.runs if (r.case, r.count) == key and r.method == method)
+                  for key in keys]
+        axes.bar(positions - width * (len(methods) + 1) / 2 + offset * width, values, width, label=method)
+    oracle = [_mean(results.zero_shot.get(case, {}).values()) for case, _ in keys]
+    axes.scatter(positions, oracle, marker="_", s=300, color="black", label="zero-shot oracle box", zorder=3)
+    axes.set_xticks(positions)
+    axes.set_xticklabels([f"{case}\n{count}/structure" for case, count in keys], rotation=30, ha="right",
+                         fontsize=7)
+    axes.set_ylabel("Dice, unlabelled slices")
+    axes.set_ylim(0, 1)
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize=7, loc="lower left")
+    figure.tight_layout()
+    with atomic_path(png_path) as temporary:
+        figure.savefig(temporary, format="png")
+    return json_path, md_path, png_path
