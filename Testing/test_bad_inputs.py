@@ -146,7 +146,7 @@ CASES = [
     Case("adapter: foreign safetensors", ["--image", "{image}", "--adapter", "{adapter_foreign}"],
          r"a safetensors file but not a SALTSegment adapter", command="propagate", out="seg.seg.nrrd"),
     Case("adapter: another format version", ["--image", "{image}", "--adapter", "{adapter_version}"],
-         r"uses adapter format version 2; this SALTSegment .* reads version 1", command="propagate",
+         r"uses adapter format version 3; this SALTSegment .* reads versions 1, 2", command="propagate",
          out="seg.seg.nrrd"),
     Case("adapter: other base weights", ["--image", "{image}", "--adapter", "{adapter_other_weights}"],
          r"was trained on lite_medsam weights with sha256 000000000000\.\.\.", command="propagate",
@@ -321,8 +321,8 @@ def inputs(tmp_path_factory, sample_image_path, sample_labels_path) -> dict[str,
 
     files["adapter_foreign"] = case / "foreign.safetensors"
     save_file({"weight": torch.zeros(3)}, str(files["adapter_foreign"]), metadata={"format": "pt"})
-    files["adapter_version"] = _rewrite_adapter(adapter, case / "version2.safetensors",
-                                                edit_metadata=lambda m: m.update(format_version="2"))
+    files["adapter_version"] = _rewrite_adapter(adapter, case / "version3.safetensors",
+                                                edit_metadata=lambda m: m.update(format_version="3"))
     files["adapter_bad_json"] = _rewrite_adapter(adapter, case / "bad_json.safetensors",
                                                  edit_metadata=lambda m: m.update(saltsegment="{not json"))
     files["adapter_other_weights"] = _rewrite_adapter(

@@ -219,11 +219,11 @@ def _train_locked(job: TrainJob, out: Path, on_step, should_stop, on_checkpoint,
     _stop_if_requested(should_stop, stopped)
     model = load_model(job.model_id, weights=job.weights)
     _stop_if_requested(should_stop, stopped)
+    if on_message is not None:  # before the trainer's set-up (the augmented bank), which takes a while
+        on_message(f"{len(labelled)} labelled {plane} slices ({describe_axis(axis, None)}), "
+                   f"{len(segments)} segments, {intensity.describe()}, {job.config.method} on {model.model_id}, "
+                   f"{resolve_device(job.config.device)}")
     trainer = FewShotTrainer(model, data, job.config)
-    if on_message is not None:
-        on_message(f"{len(trainer.slices)} labelled {plane} slices ({describe_axis(axis, None)}), "
-                   f"{len(segments)} segments, "
-                   f"{intensity.describe()}, {job.config.method} on {model.model_id}, {trainer.device}")
 
     def metadata(result: Optional[TrainingResult], steps_done: int) -> AdapterMetadata:
         training = {"config": job.config.to_dict(), "steps_done": steps_done}
