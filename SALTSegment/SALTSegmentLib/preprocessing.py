@@ -43,10 +43,6 @@ CT_WINDOWS = {
 
 # --------------------------------------------------------------------------- slicing
 
-# The old name, until propagation.py and interpolation.py call array_axis.
-slice_axis = array_axis
-
-
 def take_slice(volume: np.ndarray, axis: str, index: int) -> np.ndarray:
     """The 2D slice ``index`` of a (z, y, x) volume along ``axis``."""
     return np.take(volume, index, axis=array_axis(axis))
@@ -225,10 +221,6 @@ class SliceGeometry:
 def slice_geometry_for(shape: tuple[int, int], spacing: tuple[float, float], input_size: int) -> SliceGeometry:
     """The :class:`SliceGeometry` of a (rows, cols) slice with (row, col) pixel spacing, for a model input size."""
     return SliceGeometry(int(shape[0]), int(shape[1]), float(spacing[0]), float(spacing[1]), int(input_size))
-
-
-# The old name, until propagation.py and benchmarks.py call slice_geometry_for.
-geometry_for = slice_geometry_for
 
 
 def slice_to_input(slice01: np.ndarray, slice_geometry: SliceGeometry) -> torch.Tensor:
