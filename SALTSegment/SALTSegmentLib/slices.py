@@ -11,7 +11,7 @@ of names select a slice axis:
 - an anatomical plane, ``axial``, ``coronal`` or ``sagittal``: resolved from
   the image direction matrix (:func:`resolve_axis`) to the voxel axis whose
   slices lie closest to that plane. On a volume stored sagittally, ``axial``
-  is voxel axis j or k as the direction says, not always k.
+  is the voxel axis its direction matrix says (usually j), not k.
 
 Inside the engine (take_slice, occupied_slices, ...) an axis is a voxel-axis
 key. For backward compatibility the engine still reads ``axial``,
