@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .preprocessing import binarize_keeping_small
+
 
 @dataclass(frozen=True)
 class AugmentationConfig:
@@ -41,8 +43,10 @@ def augment(image: torch.Tensor, masks: torch.Tensor, config: AugmentationConfig
     theta = torch.tensor([[cos * flip, -sin, shift_x], [sin * flip, cos, shift_y]], dtype=image.dtype)[None]
     grid = F.affine_grid(theta, (1, 1, *image.shape[-2:]), align_corners=False)
     warped_image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-    warped_masks = F.grid_sample(masks[None].float(), grid, mode="bilinear", padding_mode="zeros",
-                                 align_corners=False)[0] >= 0.5
+    coverage = F.grid_sample(masks[None].float(), grid, mode="bilinear", padding_mode="zeros",
+                             align_corners=False)[0]
+    # A tiny structure must not vanish in a copy: it would teach "absent here" where it is present.
+    warped_masks = torch.stack([binarize_keeping_small(channel) for channel in coverage])
 
     gamma = _uniform(generator, *config.gamma_range)
     contrast = _uniform(generator, *config.contrast_range)

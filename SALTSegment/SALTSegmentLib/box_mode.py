@@ -31,8 +31,9 @@ from scipy import ndimage
 from . import preprocessing as pp
 from .appearance import SegmentAppearance, build_appearance
 from .extent import (END_DRAWN, END_EDGE, END_RANGE, END_SPACING, SegmentEnd, SegmentExtent, WalkStep, decide_end,
-                     ends_as_absent_slices, spacing_limit)
+                     spacing_limit)
 from .interpolation import interpolate_segment
+from .slices import array_axis
 
 
 class PropagationStopped(Exception):
@@ -131,19 +132,17 @@ class BoxPropagation:
         present = [i for i in labelled if pp.take_slice(drawn, self.axis, i).any()]
         if not present:
             return None
-        appearance = self._appearance(k, drawn, present)
         ends, walked = [], {}
         for side, direction in enumerate((-1, 1)):
             known = known_ends[side] if known_ends is not None else None
             if known is not None:
                 ends.append(known)
                 continue
-            end, maps = self._walk_to_end(k, drawn, present, labelled, direction, appearance)
+            end, maps = self._walk_to_end(k, drawn, present, labelled, direction)
             ends.append(end)
             walked.update(maps)
         extent = SegmentExtent(name, ends[0], ends[1])
-        shape = interpolate_segment(drawn, self.axis,
-                                    sorted(set(labelled) | set(ends_as_absent_slices(extent, self.count))))
+        shape = closed_shape(drawn, self.axis, labelled, extent)
         if self.config.end_fusion > 0:
             self._fuse(shape, walked, self.config.end_fusion)
         if self.config.inside_fusion > 0:
@@ -164,8 +163,8 @@ class BoxPropagation:
             blended = weight * probabilities + (1 - weight) * soft_mask(pp.take_slice(shape, self.axis, index))
             pp.put_slice(shape, self.axis, index, blended > self.config.threshold)
 
-    def _walk_to_end(self, k: int, drawn: np.ndarray, present: list[int], labelled: list[int], direction: int,
-                     appearance: Optional[SegmentAppearance]) -> tuple[SegmentEnd, dict[int, np.ndarray]]:
+    def _walk_to_end(self, k: int, drawn: np.ndarray, present: list[int], labelled: list[int], direction: int
+                     ) -> tuple[SegmentEnd, dict[int, np.ndarray]]:
         """Walk from the outermost drawn slice towards ``direction``; decide where the segment ends.
 
         Returns the end and the model's probability maps on the slices up to it.
@@ -194,6 +193,7 @@ class BoxPropagation:
         maps: dict[int, np.ndarray] = {}
         previous = seed
         low = self.propagator.embedding_grid
+        appearance = self._appearance(k, drawn, present) if path else None
         for position, index in enumerate(path):
             probabilities = self._predict(k, index, previous, path[position + 1:])
             mask = probabilities > self.config.threshold
@@ -209,6 +209,21 @@ class BoxPropagation:
             previous = mask
         end = decide_end(rule, outermost, walk, int(seed.sum()), END_SPACING if bound < reachable else hard_reason)
         return end, {index: maps[index] for index in path[:end.beyond_drawn]}
+
+
+def closed_shape(drawn: np.ndarray, axis: str, labelled: Sequence[int], extent: SegmentExtent) -> np.ndarray:
+    """The drawn mask interpolated between its drawn slices and closed just past each end of ``extent``.
+
+    The volume is padded by one slice on each side, so an end on the first
+    or last slice still has an "absent" slice beyond it to close towards.
+    """
+    dim = array_axis(axis)
+    padding = [(0, 0)] * drawn.ndim
+    padding[dim] = (1, 1)
+    padded = np.pad(drawn, padding)
+    absent = [extent.first.slice - 1, extent.last.slice + 1]
+    shape = interpolate_segment(padded, axis, sorted({i + 1 for i in labelled} | {i + 1 for i in absent}))
+    return np.take(shape, np.arange(1, drawn.shape[dim] + 1), axis=dim)
 
 
 def compose_label_map(masks: Sequence[Optional[np.ndarray]], values: Sequence[int],

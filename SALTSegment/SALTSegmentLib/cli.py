@@ -148,16 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     propagate.add_argument("--out", required=True, help="label map to write (.seg.nrrd keeps names/colours)")
     propagate.add_argument("--labels", help="the labels you drew: kept exactly, and seeds for --mode box")
     propagate.add_argument("--mode", choices=MODES,
-                           help="box (default with --labels): walk out from the labelled slices; "
-                                "auto (default without): learned prompts on every slice")
+                           help="box (default with --labels): your drawn slices interpolated, each structure's ends "
+                                "found by the model; interpolate: Slicer's Fill between slices alone; "
+                                "auto (default without --labels): learned prompts on every slice")
     propagate.add_argument("--range", type=_slice_range, dest="slice_range", help="FIRST:LAST slices (inclusive)")
     propagate.add_argument("--match-by", choices=MATCH_MODES, default="auto",
                            help="pair drawn segments with the adapter's by name or by label value "
                                 "(auto: by name, by value when the label map carries no names)")
     propagate.add_argument("--threshold", type=_probability, default=0.5)
     propagate.add_argument("--no-cleanup", action="store_true",
-                           help="keep every connected component and do not bound segments by the labelled slices "
-                                "(for segments made of several separate pieces, such as multiple lesions)")
+                           help="auto mode: keep every connected component of each segment (for segments made of "
+                                "several separate pieces, such as multiple lesions); box mode keeps the pieces you drew")
     common(propagate)
 
     evaluate = commands.add_parser("evaluate", help="Dice and HD95 of a segmentation against a reference")
@@ -259,9 +260,19 @@ def _propagate(args, reporter, stop: StopRequest) -> int:
     if outcome.result.interrupted:
         reporter.error("propagation stopped before the end; nothing was written", None)
         return EXIT_INTERRUPTED
+    result = outcome.result
+    for extent in result.extents:
+        reporter.message(extent.describe())
+    if result.estimate is not None:
+        reporter.message(result.estimate.describe())
+    for suggestion in result.suggestions:
+        reporter.message(suggestion.describe())
     reporter.result({"segmentation": str(outcome.segmentation_path)},
-                    {"slices": len(outcome.result.slices), "seconds": round(outcome.result.seconds, 2),
+                    {"slices": len(result.slices), "seconds": round(result.seconds, 2),
                      "mode": mode, "kept_labelled_slices": outcome.labelled_slices,
+                     "extents": [e.to_dict() for e in result.extents],
+                     "estimate": result.estimate.to_dict() if result.estimate else None,
+                     "suggested_slices": [s.to_dict() for s in result.suggestions],
                      "kept_drawn_segments": [{"name": k.segment.name, "label": k.segment.label,
                                               "drawn_label": k.drawn_label} for k in outcome.kept_segments],
                      "memory_estimate_mib": outcome.memory_estimate.to_dict() if outcome.memory_estimate else None})

@@ -92,11 +92,16 @@ def run_demo(out: Path, method: str = "salt", steps: int = 60, mode: str = "box"
                     "training_s": round(trained.result.train_seconds, 1),
                     "propagation_s": round(propagated.result.seconds, 1), "total_s": round(total_seconds, 1)},
         "dice_unlabelled_slices": {s.name: round(s.dice, 4) for s in unseen.segments},
+        "extents": [e.to_dict() for e in propagated.result.extents],
+        "estimate": propagated.result.estimate.to_dict() if propagated.result.estimate else None,
+        "suggested_slices": [s.to_dict() for s in propagated.result.suggestions],
         "mean_dice_unlabelled_slices": round(unseen.mean_dice, 4),
         "final_loss": trained.result.losses[-1],
     }
     write_report(out, "report", summary, evaluation)
     print(format_table(evaluation))
+    if propagated.result.estimate is not None:
+        print(f"before scoring, the propagation's own {propagated.result.estimate.describe()}")
     print(f"mean Dice on the {image.shape[0] - len(labelled)} slices the model filled in: {unseen.mean_dice:.3f}")
     print(f"total {total_seconds:.0f} s (training {trained.result.train_seconds:.0f} s, "
           f"propagation {propagated.result.seconds:.0f} s); outputs in {out}")

@@ -111,6 +111,9 @@ class SliceSuggestion:
     def describe(self) -> str:
         return f"{self.segment}: draw slice {self.slice} next ({self.reason})"
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
 
 def suggest_next_slices(segments: Sequence[Segment], user_labels: np.ndarray, labelled: Sequence[int],
                         results: Sequence[Optional[SegmentResult]], axis: str) -> list[SliceSuggestion]:

@@ -132,8 +132,3 @@ def decide_end(rule: ExtentRule, outermost: int, walk: Sequence[WalkStep], end_a
             return SegmentEnd(last, END_APPEARANCE, taken - 1)
         last = observed.index
     return SegmentEnd(last, exhausted_reason, len(walk))
-
-
-def ends_as_absent_slices(extent: SegmentExtent, count: int) -> list[int]:
-    """Slices just past each end, inside the volume: "absent here" for the shape interpolation."""
-    return [index for index in (extent.first.slice - 1, extent.last.slice + 1) if 0 <= index < count]

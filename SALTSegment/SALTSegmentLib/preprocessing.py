@@ -249,8 +249,21 @@ def mask_to_input(mask: np.ndarray, slice_geometry: SliceGeometry, output_size: 
     target = F.interpolate(target, size=(rows, cols), mode="bilinear", align_corners=False,
                            antialias=rows < slice_geometry.rows or cols < slice_geometry.cols)
     padded = torch.zeros(output_size, output_size)
-    padded[:rows, :cols] = (target[0, 0] >= 0.5).float()
+    padded[:rows, :cols] = binarize_keeping_small(target[0, 0]).float()
     return padded
+
+
+def binarize_keeping_small(coverage: torch.Tensor) -> torch.Tensor:
+    """Pixels at least half covered; a structure smaller than half a pixel keeps its most covered pixel(s).
+
+    A radiologist's mark of a few voxels must survive resizing to the model's
+    grid: a segment that vanished there could neither train nor be prompted.
+    """
+    kept = coverage >= 0.5
+    peak = coverage.max()
+    if peak > 0 and not kept.any():
+        kept = coverage >= peak
+    return kept
 
 
 def logits_to_slice(logits: torch.Tensor, slice_geometry: SliceGeometry) -> torch.Tensor:

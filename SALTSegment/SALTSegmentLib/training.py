@@ -242,7 +242,8 @@ class FewShotTrainer:
             box = pp.mask_box(masks[copy_index, segment_index].numpy() > 0)
             boxes[copy_index, segment_index] = torch.from_numpy(box).float()
         factor = masks.shape[-1] // self.low_res
-        targets = F.avg_pool2d(masks, factor) >= 0.5 if factor > 1 else masks > 0.5
+        coverage = F.avg_pool2d(masks, factor) if factor > 1 else masks
+        targets = torch.stack([torch.stack([pp.binarize_keeping_small(c) for c in copy]) for copy in coverage])
         # Rare segments pull their slices up: weight = sum over present segments of 1 / (copies holding it).
         counts = present.sum(0).clamp(min=1).float()
         weights = (present.float() / counts).sum(1)

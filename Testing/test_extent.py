@@ -1,0 +1,109 @@
+"""The end decision of box propagation and the appearance evidence it uses (no model needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from SALTSegmentLib.appearance import build_appearance
+from SALTSegmentLib.box_mode import box_margin_pixels, closed_shape, compose_label_map, soft_mask
+from SALTSegmentLib.extent import (END_APPEARANCE, END_EDGE, END_EMPTY, END_SHRANK, END_SPACING, ExtentRule,
+                                   SegmentEnd, SegmentExtent, WalkStep, decide_end,
+                                   equivalent_radius_slices, label_spacing, spacing_limit)
+
+RULE = ExtentRule(spacing_bound=1.0, radius_bound=1.0, min_similarity=0.6, min_area_ratio=0.1)
+
+
+def _walk(start, step, areas, similarities=None):
+    similarities = similarities or [1.0] * len(areas)
+    return [WalkStep(start + step * (d + 1), area, similarity)
+            for d, (area, similarity) in enumerate(zip(areas, similarities))]
+
+
+def test_the_walk_ends_where_the_evidence_says_and_says_why():
+    assert decide_end(RULE, 20, _walk(20, 1, [90, 80, 0]), 100, END_EDGE) == SegmentEnd(22, END_EMPTY, 2)
+    assert decide_end(RULE, 20, _walk(20, -1, [90, 5]), 100, END_EDGE) == SegmentEnd(19, END_SHRANK, 1)
+    assert decide_end(RULE, 20, _walk(20, 1, [90, 80, 70], [0.9, 0.4, 1.0]), 100, END_EDGE) \
+        == SegmentEnd(21, END_APPEARANCE, 1)
+    # Nothing says stop: the walk ends where it had to, for the reason given.
+    assert decide_end(RULE, 20, _walk(20, 1, [90, 80]), 100, END_SPACING) == SegmentEnd(22, END_SPACING, 2)
+    assert decide_end(RULE, 20, [], 100, END_EDGE) == SegmentEnd(20, END_EDGE, 0)
+
+
+def test_unknown_similarity_does_not_stop_a_walk():
+    assert decide_end(RULE, 5, _walk(5, 1, [50, 50], [None, None]), 60, END_EDGE).slice == 7
+
+
+def test_label_spacing_is_the_widest_gap_between_drawn_slices():
+    assert label_spacing([10, 12, 20, 21]) == 8
+    assert label_spacing([7]) is None
+
+
+def test_spacing_limit_uses_the_gap_or_a_single_slice_radius():
+    assert spacing_limit(RULE, [10, 15, 20], 100, 1.0, 1.0) == 5
+    assert spacing_limit(ExtentRule(spacing_bound=0.5), [10, 16], 100, 1.0, 1.0) == 3
+    # One drawn slice: a round lesion of area 314 mm^2 (radius 10 mm) on 5 mm slices reaches 2 slices.
+    assert equivalent_radius_slices(314, 1.0, 5.0) == pytest.approx(2.0, abs=0.01)
+    assert spacing_limit(RULE, [33], 314, 1.0, 5.0) == 2
+    assert spacing_limit(RULE, [33], 1, 1.0, 5.0) == 1          # never less than one slice
+
+
+def test_the_shape_closes_just_past_each_end_even_at_the_edge_of_the_volume():
+    z, y, x = np.mgrid[:20, :30, :30]
+    ball = (z - 6) ** 2 + (y - 15) ** 2 + (x - 15) ** 2 < 10 ** 2
+    drawn = np.zeros_like(ball)
+    drawn[[3, 8]] = ball[[3, 8]]
+    extent = SegmentExtent("x", SegmentEnd(0, END_EDGE, 3), SegmentEnd(12, END_SPACING, 4))
+    shape = closed_shape(drawn, "k", [3, 8], extent)
+    occupied = np.flatnonzero(shape.any(axis=(1, 2)))
+    assert occupied[0] == 0 and occupied[-1] == 12
+    assert np.array_equal(shape[[3, 8]], ball[[3, 8]])
+    assert shape[0].sum() < shape[3].sum() and shape[12].sum() < shape[8].sum()   # closing towards the ends
+    assert extent.to_dict()["first_reason"] == END_EDGE
+    assert "slices 0-12" in extent.describe()
+
+
+def test_box_margin_scales_with_the_structure():
+    small = np.zeros((512, 512), bool)
+    small[100:104, 100:104] = True
+    large = np.zeros((512, 512), bool)
+    large[100:300, 100:200] = True
+    assert box_margin_pixels(small, 0.1) == 1.0                     # at least one pixel
+    assert box_margin_pixels(large, 0.1) == pytest.approx(20.0)    # a tenth of the larger side
+
+
+def test_soft_mask_is_a_half_on_the_boundary():
+    mask = np.zeros((9, 9), bool)
+    mask[2:7, 2:7] = True
+    soft = soft_mask(mask)
+    assert soft[4, 4] > 0.9 and soft[0, 0] < 0.1
+    assert np.array_equal(soft > 0.5, mask)
+    assert not soft_mask(np.zeros((3, 3), bool)).any()
+
+
+def test_overlapping_masks_go_to_the_segment_they_are_deepest_in():
+    a = np.zeros((3, 20, 20), bool)
+    b = np.zeros((3, 20, 20), bool)
+    a[:, 2:12, 2:12] = True
+    b[:, 9:19, 9:19] = True
+    labels = compose_label_map([a, None, b], [1, 2, 3], a.shape)
+    assert set(np.unique(labels)) == {0, 1, 3}
+    assert labels[1, 5, 5] == 1 and labels[1, 15, 15] == 3
+    assert np.array_equal(labels > 0, a | b)
+
+
+def test_appearance_scores_the_drawn_structure_above_its_surroundings():
+    generator = torch.Generator().manual_seed(0)
+    inside, outside = torch.randn(32, generator=generator), torch.randn(32, generator=generator)
+    mask = np.zeros((16, 16), bool)
+    mask[5:11, 5:11] = True
+    embedding = torch.where(torch.from_numpy(mask)[None], inside[:, None, None], outside[:, None, None])
+    embedding = embedding + 0.1 * torch.randn(32, 16, 16, generator=generator)
+    appearance = build_appearance([embedding], [mask])
+    assert appearance.reference > 0.9
+    shifted = np.zeros_like(mask)
+    shifted[0:4, 0:4] = True             # a region of the surroundings
+    assert appearance.score(embedding, shifted) < 0.1
+    assert appearance.score(embedding, np.zeros_like(mask)) is None
+    assert build_appearance([embedding], [np.zeros_like(mask)]) is None
