@@ -39,9 +39,9 @@ END_SPACING = "the spacing of the drawn slices bounds it"
 class ExtentRule:
     """Thresholds of the end decision (chosen on the development set; see README "Quality")."""
 
-    spacing_bound: float = 1.0        # x the user's label spacing beyond the outermost drawn slice
-    radius_bound: float = 1.0         # x in-plane radius / slice spacing, when one slice is drawn
-    min_similarity: float = 0.6       # x the drawn slices' own appearance score
+    spacing_bound: float = 0.75       # x the user's label spacing beyond the outermost drawn slice
+    radius_bound: float = 0.75        # x in-plane radius / slice spacing, when one slice is drawn
+    min_similarity: float = 0.5       # x the drawn slices' own appearance score
     min_area_ratio: float = 0.1       # x the area of the outermost drawn slice
 
     def to_dict(self) -> dict:
