@@ -59,7 +59,11 @@ def test_json_progress_stream_ends_with_a_result(tiny_case, tmp_path):
     assert completed.returncode == EXIT_OK, completed.stderr
     events = [parse_line(line) for line in completed.stdout.splitlines()]
     assert events[-1]["event"] == "result" and events[-1]["outputs"]["segmentation"] == str(seg)
-    assert events[-2]["event"] == "progress" and events[-2]["step"] == events[-2]["total"] == 8
+    progress = [event for event in events if event["event"] == "progress"]
+    assert progress and progress[-1]["step"] == progress[-1]["total"]       # box mode: segments, then the estimate
+    messages = [event["text"] for event in events if event["event"] == "message"]
+    assert any(text.startswith("Thalamus_L: slices ") for text in messages)  # the decided extent, with reasons
+    assert events[-1]["summary"]["extents"][0]["segment"] == "Thalamus_L"
 
     completed = subprocess.run(_cli("evaluate", "--pred", str(seg), "--ref", str(tiny_case / "reference.seg.nrrd"),
                                     "--json"), capture_output=True, text=True, env=_environment(), timeout=120)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,21 +25,28 @@ FACTOR = 1.5
 pytestmark = pytest.mark.skipif(not hasattr(os, "wait4"), reason="measures peak memory with os.wait4 (POSIX)")
 
 
+# Linux carries a parent's peak RSS into a child (the forked copy's high-water mark is kept across exec),
+# so a CLI started straight from this (large) test process would report the test process's peak. A small
+# Python parent in between starts from a fresh image: the peak it reads back is the CLI's own.
+_MEASURE = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(child.pid, 0)
+print(usage.ru_maxrss, os.waitstatus_to_exitcode(status), file=sys.stderr)
+"""
+
+
 def _peak_and_estimate(*args: str) -> tuple[float, float]:
     """Run one CLI command; (peak RSS in MiB, the MiB its result event estimated)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SALTSEGMENT_")}
     env["OMP_NUM_THREADS"] = "2"
-    with tempfile.TemporaryFile("w+") as stdout:
-        child = subprocess.Popen([sys.executable, "-m", "SALTSegmentLib.cli", *args, "--progress", "json"],
-                                 stdout=stdout, stderr=subprocess.PIPE, text=True, env=env)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-        errors = child.stderr.read()
-        stdout.seek(0)
-        events = [event for event in map(parse_line, stdout.read().splitlines()) if event]
-    assert child.returncode == 0, errors
+    completed = subprocess.run([sys.executable, "-c", _MEASURE, sys.executable, "-m", "SALTSegmentLib.cli", *args,
+                                "--progress", "json"], capture_output=True, text=True, env=env, timeout=900)
+    max_rss, code = map(int, completed.stderr.strip().splitlines()[-1].split())
+    assert completed.returncode == 0 and code == 0, completed.stderr
+    events = [event for event in map(parse_line, completed.stdout.splitlines()) if event]
     estimate = events[-1]["summary"]["memory_estimate_mib"]
-    peak = usage.ru_maxrss / 1024 if sys.platform != "darwin" else usage.ru_maxrss / 2 ** 20
+    peak = max_rss / 1024 if sys.platform != "darwin" else max_rss / 2 ** 20
     return peak, estimate["total_mib"]
 
 

@@ -444,11 +444,13 @@ def _message(error: BaseException) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .allocator import return_large_blocks_to_the_system
     from .pipeline import JobStopped
     from .progress import make_reporter
 
     parser = build_parser()
     args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
+    return_large_blocks_to_the_system()
     reporter = make_reporter(getattr(args, "progress", "bar"))
     stop = StopRequest(getattr(args, "stop_file", None))
     stop.install()
