@@ -385,11 +385,11 @@ def _bench(args) -> int:
     return EXIT_OK
 
 
-def _demo(args, stop: StopRequest) -> int:
+def _demo(args, reporter, stop: StopRequest) -> int:
     from .demo import run_demo
 
     return run_demo(Path(args.out), method=args.method, steps=args.steps, mode=args.mode,
-                    labelled_count=args.labelled, device=args.device, should_stop=stop)
+                    labelled_count=args.labelled, device=args.device, should_stop=stop, reporter=reporter)
 
 
 # --------------------------------------------------------------------------- errors
@@ -465,7 +465,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _models(args)
         if args.command == "bench":
             return _bench(args)
-        return _demo(args, stop)
+        return _demo(args, reporter, stop)
     except KeyboardInterrupt:
         reporter.error("interrupted", None)
         return EXIT_INTERRUPTED

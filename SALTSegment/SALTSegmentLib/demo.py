@@ -17,8 +17,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .host.choices import DEFAULT_STEPS
 from .metrics import evaluate_label_maps, format_table
 from .pipeline import PropagateJob, TrainJob, run_propagation, run_training
+from .progress import make_reporter
 from .propagation import PropagationConfig
 from .report import write_loss_curve, write_montage, write_report
 from .sample_data import sample_paths, spread_slices
@@ -32,11 +34,15 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run_demo(out: Path, method: str = "salt", steps: int = 60, mode: str = "box", labelled_count: int = 5,
-             device: str = "auto", should_stop: Optional[Callable[[], bool]] = None) -> int:
-    """Run the demo into ``out``; print the Dice table; return an exit code."""
-    from tqdm import tqdm
+def run_demo(out: Path, method: str = "salt", steps: int = DEFAULT_STEPS, mode: str = "box",
+             labelled_count: int = 5, device: str = "auto", should_stop: Optional[Callable[[], bool]] = None,
+             reporter=None) -> int:
+    """Run the demo into ``out``; print the Dice table; return an exit code.
 
+    Progress goes through the CLI's reporter (``progress.make_reporter``), so
+    the demo shows the same bars and messages as ``train`` and ``propagate``.
+    """
+    reporter = reporter or make_reporter("bar")
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     image_path, labels_path = sample_paths()
@@ -49,28 +55,21 @@ def run_demo(out: Path, method: str = "salt", steps: int = 60, mode: str = "box"
     _say(f"sample: {image_path.name} {image.shape[::-1]} voxels, {len(segments)} structures; "
          f"labelled axial slices {labelled}")
 
-    bar = tqdm(total=steps, desc=f"fine-tune {method}", unit="step", file=sys.stderr, dynamic_ncols=True)
-
-    def on_step(report) -> None:
-        bar.update(report.step - bar.n)
-        bar.set_postfix(loss=f"{report.loss:.3f}", refresh=False)
-
     train_job = TrainJob(image=str(image_path), labels=str(drawn_path), out=str(out / "adapter.safetensors"),
                          axis="axial", config=TrainingConfig(method=method, steps=steps, device=device))
-    trained = run_training(train_job, on_step=on_step, should_stop=should_stop, on_message=bar.write)
-    bar.close()
+    trained = run_training(train_job, on_step=reporter.train_step, should_stop=should_stop,
+                           on_message=reporter.message, on_ready=lambda: reporter.start("train", steps))
+    reporter.close()
     if trained.result.interrupted:
         _say(f"stopped; adapter saved to {trained.adapter_path}")
         return EXIT_INTERRUPTED
 
-    slices_bar = tqdm(total=image.shape[0], desc=f"propagate ({mode})", unit="slice", file=sys.stderr,
-                      dynamic_ncols=True)
     propagate_job = PropagateJob(image=str(image_path), adapter=str(trained.adapter_path),
                                  out=str(out / "segmentation.seg.nrrd"), labels=str(drawn_path),
                                  config=PropagationConfig(mode=mode, device=device))
-    propagated = run_propagation(propagate_job, on_progress=lambda p: slices_bar.update(p.done - slices_bar.n),
-                                 should_stop=should_stop)
-    slices_bar.close()
+    propagated = run_propagation(propagate_job, on_progress=reporter.slices, should_stop=should_stop,
+                                 on_message=reporter.message, on_ready=lambda: reporter.start("propagate", 0))
+    reporter.close()
     if propagated.result.interrupted:
         return EXIT_INTERRUPTED
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from .. import preprocessing as pp
 from ..adapters import merge_adapters
+from ..host.choices import DEFAULT_STEPS
 from ..interpolation import fill_between_slices
 from ..metrics import dice
 from ..models import load_model
@@ -193,7 +194,7 @@ def bench_case(case: BenchCase, counts: Sequence[int], methods: Sequence[str], s
 
 
 def bench_quality(cases: Sequence[BenchCase], counts: Sequence[int] = (3, 5), methods: Sequence[str] = ("salt",),
-                  seeds: Sequence[int] = (0,), steps: int = 40, protocol: str = "per_structure",
+                  seeds: Sequence[int] = (0,), steps: int = DEFAULT_STEPS, protocol: str = "per_structure",
                   lesion_counts: Sequence[int] = (1,), oracle: bool = True, suggest: bool = True,
                   say: Say = print) -> QualityResults:
     """Quality over cases: anatomy at ``counts`` slices per structure, lesions at ``lesion_counts``."""

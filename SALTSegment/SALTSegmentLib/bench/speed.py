@@ -48,7 +48,6 @@ def _trainer(model_id: str, method: str, data: FewShotData, input_size: Optional
         model.requires_grad_(False)
     else:
         trainer = FewShotTrainer(model, data, TrainingConfig(method=method))
-    trainer.prepare()
     trainer.step()  # warm-up: allocator and kernel choice
     return trainer
 
