@@ -15,6 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .label_layers import segment_mask, spatial_shape
 from .slices import array_axis
 from .volume_io import Segment
 
@@ -153,19 +154,24 @@ def evaluate_label_maps(pred: np.ndarray, ref: np.ndarray, segments: list[Segmen
     including the per-slice rows, so slices the user labelled by hand do not
     inflate the accuracy of the propagated ones. Segments named in
     ``missing`` are absent from the prediction: Dice 0 and no HD95, whatever
-    the reference holds, so a missing segment never looks perfect.
+    the reference holds, so a missing segment never looks perfect. Either
+    map may hold layers (overlapping segments); each segment is scored on
+    its own voxels.
     """
     pred, ref = np.asarray(pred), np.asarray(ref)
-    _require_same_shape(pred, ref)
-    if pred.ndim != 3:
-        raise ValueError(f"Label maps must be 3D (z, y, x), got {pred.ndim}D")
+    if pred.ndim not in (3, 4) or ref.ndim not in (3, 4):
+        raise ValueError(f"Label maps must be 3D (z, y, x) or layered (layers, z, y, x), got {pred.ndim}D")
+    shape = spatial_shape(pred)
+    if shape != spatial_shape(ref):
+        raise ValueError(f"Prediction shape {shape} differs from reference shape {spatial_shape(ref)}; "
+                         "both must lie on the same voxel grid")
     spacing = _check_spacing(spacing_xyz)
     dim = array_axis(axis)
-    kept = np.ones(pred.shape[dim], dtype=bool)
+    kept = np.ones(shape[dim], dtype=bool)
     if exclude_slices:
-        bad = [i for i in exclude_slices if not 0 <= int(i) < pred.shape[dim]]
+        bad = [i for i in exclude_slices if not 0 <= int(i) < shape[dim]]
         if bad:
-            raise ValueError(f"Excluded slice indices {sorted(bad)} are outside 0..{pred.shape[dim] - 1} "
+            raise ValueError(f"Excluded slice indices {sorted(bad)} are outside 0..{shape[dim] - 1} "
                              f"along the {axis} axis")
         kept[[int(i) for i in exclude_slices]] = False
     keep_shape = [1, 1, 1]
@@ -175,13 +181,13 @@ def evaluate_label_maps(pred: np.ndarray, ref: np.ndarray, segments: list[Segmen
 
     segment_scores, slice_scores = [], []
     for segment in segments:
-        r = (ref == segment.label) & keep
+        r = segment_mask(ref, segment) & keep
         if segment.name in missing:
             segment_scores.append(SegmentScore(label=int(segment.label), name=segment.name, dice=0.0,
                                                hd95_mm=float("nan"), ref_voxels=int(r.sum()), pred_voxels=0,
                                                missing=True))
             continue
-        p = (pred == segment.label) & keep
+        p = segment_mask(pred, segment) & keep
         segment_scores.append(SegmentScore(
             label=int(segment.label), name=segment.name, dice=dice(p, r), hd95_mm=hd95(p, r, spacing),
             ref_voxels=int(r.sum()), pred_voxels=int(p.sum())))

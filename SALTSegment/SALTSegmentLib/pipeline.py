@@ -24,6 +24,7 @@ from .preflight import (MemoryEstimate, check_adapter_suffix, check_label_map_su
                         check_output_is_not_an_input, check_output_path, propagation_memory, training_memory)
 from .adapters import merge_adapters
 from .adapter_file import AdapterMetadata, LoadedAdapter, load_adapter, load_adapter_metadata, save_adapter
+from .label_layers import flatten_layers, is_layered, layers_with_drawn_slices, value_mask
 from .metrics import EvaluationReport, evaluate_label_maps
 from .models import WeightsError, get_spec, load_model
 from .propagation import (MODES_NEEDING_LABELS, PropagationConfig, PropagationInputError, PropagationProgress,
@@ -42,10 +43,10 @@ class JobStopped(Exception):
     """A stop request (SIGTERM/SIGINT, Cancel) arrived before anything worth keeping was computed."""
 
 
-def _volume_info_checked(path: str | os.PathLike):
+def _volume_info_checked(path: str | os.PathLike, label_map: bool = False):
     info = read_volume_info(path)
-    if info is not None:
-        require_3d_scalar(path, len(info.size), info.components)
+    if info is not None:   # a label map's components may be layers: read_label_map decides
+        require_3d_scalar(path, len(info.size), 1 if label_map else info.components)
     return info
 
 
@@ -70,6 +71,8 @@ class LabelledVolume:
 
 def resample_labels_to(labels: np.ndarray, label_geometry: VolumeGeometry, target: VolumeGeometry) -> np.ndarray:
     """Nearest-neighbour resampling of a label map onto another grid (only when the user asks)."""
+    if is_layered(labels):
+        return np.stack([resample_labels_to(layer, label_geometry, target) for layer in labels])
     image = label_geometry.apply_to(sitk.GetImageFromArray(labels))
     reference = target.apply_to(sitk.Image(list(target.size), sitk.sitkUInt8))
     resampled = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, image.GetPixelID())
@@ -199,7 +202,7 @@ def _train_locked(job: TrainJob, out: Path, on_step, should_stop, on_checkpoint,
     if job.weights is not None and not Path(job.weights).is_file():
         raise WeightsError(f"Weights file not found: {job.weights}")
     info = _volume_info_checked(job.image)
-    _volume_info_checked(job.labels)
+    _volume_info_checked(job.labels, label_map=True)
     setting = _memory_setting(job.config.device, job.config.precision)
     if info is not None:  # the volume alone, from its header: a volume too large is refused before it is read
         _check_training_memory(job, info.size, info.bytes_per_component, None, 1, setting)
@@ -361,7 +364,7 @@ def _propagate_locked(job: PropagateJob, out: Path, loaded, on_progress, should_
     segments = metadata.segment_list
     info = _volume_info_checked(job.image)
     if job.labels is not None:
-        _volume_info_checked(job.labels)
+        _volume_info_checked(job.labels, label_map=True)
     memory = None
     if info is not None:
         slices = info.size[2 - pp.array_axis(adapter_axis_in(metadata.axis, metadata.plane, info.direction))]
@@ -385,6 +388,9 @@ def _propagate_locked(job: PropagateJob, out: Path, loaded, on_progress, should_
     drawn, user_labels, labelled, kept = None, None, [], []
     if job.labels is not None:
         drawn, label_segments = read_labels_on_grid(job.labels, geometry, job.resample_labels, say)
+        if is_layered(drawn) and not out.name.endswith(".seg.nrrd"):
+            raise PropagationInputError(f"{Path(job.labels).name} keeps overlapping segments in layers, which only "
+                                        "a .seg.nrrd holds: name --out like result.seg.nrrd")
         match = match_segments(label_segments, segments, job.match_by)
         user_labels = match.relabel(drawn)
         labelled = labelled_slices(user_labels, [s.label for s in segments], axis)
@@ -403,12 +409,18 @@ def _propagate_locked(job: PropagateJob, out: Path, loaded, on_progress, should_
         merge_adapters(loaded.model)  # plain weights again: propagation pays nothing for the adapter
     propagator = VolumePropagator(loaded.model, loaded.prompts, segments, metadata.intensity_mapping,
                                   axis, job.config)
-    result = propagator.run(image, geometry.spacing, user_labels, labelled, on_progress, should_stop)
+    seeds = flatten_layers(user_labels, segments)   # one label per voxel; the drawn overlaps return below
+    result = propagator.run(image, geometry.spacing, seeds, labelled, on_progress, should_stop)
     if not result.interrupted and should_stop is not None and should_stop():
         result.interrupted = True  # a stop during the last slices or the clean-up: still write nothing
     written = segments + [k.segment for k in kept]
     if not result.interrupted:
-        result.labels = add_kept_segments(result.labels, drawn, kept)
+        if is_layered(drawn):
+            result.labels, written = layers_with_drawn_slices(
+                result.labels, segments, user_labels, labelled, axis,
+                [(k.segment, value_mask(drawn, k.drawn_label)) for k in kept])
+        else:
+            result.labels = add_kept_segments(result.labels, drawn, kept)
         write_label_map(out, result.labels, geometry, written)
         if kept:
             say(f"kept {len(kept)} drawn segment{'s' if len(kept) != 1 else ''} the adapter does not predict, "

@@ -44,8 +44,8 @@ CT_WINDOWS = {
 # --------------------------------------------------------------------------- slicing
 
 def take_slice(volume: np.ndarray, axis: str, index: int) -> np.ndarray:
-    """The 2D slice ``index`` of a (z, y, x) volume along ``axis``."""
-    return np.take(volume, index, axis=array_axis(axis))
+    """The 2D slice ``index`` of a (z, y, x) volume along ``axis`` (layers of a (layers, z, y, x) map stay in front)."""
+    return np.take(volume, index, axis=array_axis(axis) - 3)
 
 
 def put_slice(volume: np.ndarray, axis: str, index: int, values: np.ndarray) -> None:
@@ -56,7 +56,8 @@ def put_slice(volume: np.ndarray, axis: str, index: int, values: np.ndarray) -> 
 
 
 def slice_count(shape: tuple[int, ...], axis: str) -> int:
-    return int(shape[array_axis(axis)])
+    """Slices along ``axis`` of a (z, y, x) or (layers, z, y, x) shape."""
+    return int(shape[array_axis(axis) - 3])
 
 
 def slice_spacing(spacing_xyz: tuple[float, float, float], axis: str) -> float:

@@ -33,6 +33,7 @@ from vtk.util import numpy_support
 from .host.drawn_slices import RECORD_TAG, PredictionRecord, drawn_slices, grid_key, record_prediction
 from .slices import (adapter_axis_in, array_axis, occupied_slices, put_back_slices, resolve_axis, voxel_axis,
                      voxel_axis_plane)
+from .label_layers import segment_mask as label_map_segment_mask, spatial_shape
 from .volume_io import Segment, VolumeGeometry, read_label_map, write_image, write_label_map
 
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -349,13 +350,13 @@ def import_label_map(segmentation_node, label_map: np.ndarray, ijk_to_ras: np.nd
         # later edits in the Segment Editor happen at the volume's resolution.
         segmentation.SetConversionParameter(
             converter.GetReferenceImageGeometryParameterName(),
-            converter.SerializeImageGeometry(_oriented_image(np.zeros(label_map.shape, np.uint8), ijk_to_ras)))
-    shape, grid_matrix = _grid_of(segmentation, label_map.shape, ijk_to_ras)
+            converter.SerializeImageGeometry(_oriented_image(np.zeros(spatial_shape(label_map), np.uint8), ijk_to_ras)))
+    shape, grid_matrix = _grid_of(segmentation, spatial_shape(label_map), ijk_to_ras)
     grid_axis = matching_axis(ijk_to_ras, axis, grid_matrix)
     key = grid_key(shape, grid_matrix)
     outside = None
     if slice_range is not None:
-        inside = np.zeros(label_map.shape, np.uint8)
+        inside = np.zeros(spatial_shape(label_map), np.uint8)
         index = [slice(None)] * 3
         index[axis] = slice(int(slice_range[0]), int(slice_range[1]) + 1)
         inside[tuple(index)] = 1
@@ -364,7 +365,7 @@ def import_label_map(segmentation_node, label_map: np.ndarray, ijk_to_ras: np.nd
     modifying = segmentation_node.StartModify()
     try:
         for segment in segments:
-            mask = resample_mask(label_map == segment.label, ijk_to_ras, shape, grid_matrix)
+            mask = resample_mask(label_map_segment_mask(label_map, segment), ijk_to_ras, shape, grid_matrix)
             segment_id = find_segment_id(segmentation_node, segment.name) if replace else None
             predicted_slices = range(shape[grid_axis])
             if segment_id is None:

@@ -139,8 +139,11 @@ def adapter_axis_in(axis: str, plane: Optional[str], direction: Sequence[float] 
 # --------------------------------------------------------------------------- which slices hold labels
 
 def occupied_slices(mask: np.ndarray, axis: str | int) -> list[int]:
-    """Indices along ``axis`` of the slices on which a 3D mask (any non-zero voxel) has a voxel."""
-    dim = array_axis(axis)
+    """Indices along ``axis`` of the slices on which a 3D mask (any non-zero voxel) has a voxel.
+
+    A (layers, z, y, x) mask counts a slice where any layer has a voxel.
+    """
+    dim = array_axis(axis) + np.ndim(mask) - 3
     other = tuple(a for a in range(np.ndim(mask)) if a != dim)
     return [int(i) for i in np.flatnonzero(np.any(np.asarray(mask) != 0, axis=other))]
 

@@ -30,6 +30,7 @@ from . import preprocessing as pp
 from .adapters import apply_method, encoder_is_frozen, method_spec
 from .augmentation import AugmentationConfig, augment
 from .devices import autocast, autocast_dtype, resolve_device
+from .label_layers import value_mask
 from .losses import dice_bce_loss
 from .models import PromptableSegmenter
 from .host.choices import DEFAULT_STEPS
@@ -195,7 +196,7 @@ class FewShotTrainer:
         self.model.to(self.device).eval()  # frozen BatchNorm statistics; there is no dropout to disable
         self.prompts = SegmentPrompts(len(data.segments)).to(self.device)
         self.slice_geometry = pp.slice_geometry_for(
-            pp.take_slice(data.labels, data.axis, 0).shape, pp.slice_pixel_spacing(data.spacing, data.axis),
+            pp.take_slice(data.image, data.axis, 0).shape, pp.slice_pixel_spacing(data.spacing, data.axis),
             model.input_size)
         self.low_res = 4 * model.embedding_size[0]
         self.learning_rate = config.learning_rate or method_spec(config.method).learning_rate
@@ -221,7 +222,7 @@ class FewShotTrainer:
             image = pp.rescale_slice(pp.take_slice(volume01, self.data.axis, index))
             labels = pp.take_slice(self.data.labels, self.data.axis, index)
             images.append(pp.slice_to_input(image, self.slice_geometry))
-            masks.append(torch.stack([pp.mask_to_input(labels == s.label, self.slice_geometry)
+            masks.append(torch.stack([pp.mask_to_input(value_mask(labels, s.label, 2), self.slice_geometry)
                                       for s in self.data.segments]))
         return torch.stack(images), torch.stack(masks)
 

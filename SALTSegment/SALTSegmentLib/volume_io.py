@@ -3,13 +3,15 @@
 Arrays are always (z, y, x) numpy arrays, as SimpleITK returns them; the
 geometry (spacing, origin, direction, in SimpleITK's LPS convention) travels
 beside the array in :class:`VolumeGeometry` so outputs land on exactly the
-input's grid. Slicer ``.seg.nrrd`` files keep their segment names and colours.
+input's grid. Slicer ``.seg.nrrd`` files keep their segment names and colours,
+and a multi-layer one (overlapping segments) is read and written as an array of
+shape (layers, z, y, x) (see :mod:`label_layers`).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,11 +68,16 @@ class VolumeGeometry:
 
 @dataclass
 class Segment:
-    """One labelled structure: its value in the label map, name and display colour (RGB in 0..1)."""
+    """One labelled structure: its value in the label map, name, display colour (RGB in 0..1) and layer.
+
+    ``layer`` matters only in a multi-layer label map (overlapping segments);
+    there no two segments share a value, whatever their layers.
+    """
 
     label: int
     name: str
     color: tuple[float, float, float] = field(default=(0.5, 0.5, 0.5))
+    layer: int = 0
 
 
 # A palette for segments that arrive without colours (plain label maps).
@@ -214,26 +221,69 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, VolumeGeometry]:
 
 
 def _segments_from_metadata(image: sitk.Image) -> list[Segment]:
-    """Slicer ``.seg.nrrd`` header fields ``SegmentN_Name`` / ``_Color`` / ``_LabelValue``."""
+    """Slicer ``.seg.nrrd`` header fields ``SegmentN_Name`` / ``_Color`` / ``_LabelValue`` / ``_Layer``."""
     keys = set(image.GetMetaDataKeys())
     segments = []
     index = 0
     while f"Segment{index}_Name" in keys:
         prefix = f"Segment{index}_"
         label = int(image.GetMetaData(prefix + "LabelValue")) if prefix + "LabelValue" in keys else index + 1
-        layer = int(image.GetMetaData(prefix + "Layer")) if prefix + "Layer" in keys else 0
-        if layer != 0:
-            raise VolumeReadError(
-                "This segmentation stores overlapping segments in several layers; "
-                "save it with non-overlapping segments (one layer) to use it here")
+        layer = int(image.GetMetaData(prefix + "Layer")) if prefix + "Layer" in keys else index  # as Slicer reads it
         color = default_color(label)
         if prefix + "Color" in keys:
             values = [float(v) for v in image.GetMetaData(prefix + "Color").split()]
             if len(values) == 3:
                 color = tuple(values)
-        segments.append(Segment(label=label, name=image.GetMetaData(prefix + "Name"), color=color))
+        segments.append(Segment(label=label, name=image.GetMetaData(prefix + "Name"), color=color, layer=layer))
         index += 1
     return segments
+
+
+def _layers_from_image(image: sitk.Image, path: str | os.PathLike,
+                       segments: list[Segment]) -> tuple[np.ndarray, list[Segment]]:
+    """A multi-layer ``.seg.nrrd`` (one component per layer) as (layers, z, y, x), values unique across layers.
+
+    Slicer numbers each layer's segments on their own (two layers often both
+    use value 1); a segment whose value an earlier segment already holds moves
+    to a value used nowhere in the file, so that a value names one segment in
+    the whole map. Voxels a layer holds under another layer's segment value
+    (listed for no segment of their own layer) move to an unused value too:
+    they stay out of every segment, and are reported as unlisted.
+    """
+    count = image.GetNumberOfComponentsPerPixel()
+    if image.GetDimension() != 3 or not segments or any(not 0 <= s.layer < count for s in segments):
+        require_3d_scalar(path, image.GetDimension(), count)   # not a segmentation with layers: say so
+    layers = np.ascontiguousarray(np.moveaxis(sitk.GetArrayFromImage(image), -1, 0))
+    _check_label_values(layers, path)
+    layers = layers.astype(np.uint16)
+    used = set(np.unique(layers).tolist()) | {s.label for s in segments}
+
+    def move(layer: np.ndarray, value: int) -> int:
+        free = next(v for v in range(1, 1 << 16) if v not in used)
+        layer[layer == value] = free
+        used.add(free)
+        return free
+
+    renumbered: list[Segment] = []
+    for segment in segments:
+        taken = {s.label for s in renumbered}
+        label = move(layers[segment.layer], segment.label) if segment.label in taken else segment.label
+        renumbered.append(Segment(label, segment.name, segment.color, segment.layer))
+    labels = {s.label for s in renumbered}
+    for index, layer in enumerate(layers):
+        own = {s.label for s in renumbered if s.layer == index}
+        for value in set(np.unique(layer).tolist()) & labels - own:
+            move(layer, value)
+    return layers, renumbered
+
+
+def _check_label_values(array: np.ndarray, path: str | os.PathLike) -> None:
+    if array.dtype.kind == "f" and (not np.all(np.isfinite(array)) or not np.all(array == np.round(array))):
+        raise VolumeReadError(f"{path} holds non-integer values; a label map must hold whole numbers")
+    if array.min(initial=0) < 0:
+        raise VolumeReadError(f"{path} holds negative labels; labels must be 0 (background) or positive")
+    if array.max(initial=0) > np.iinfo(np.uint16).max:
+        raise VolumeReadError(f"{path} holds labels above {np.iinfo(np.uint16).max}")
 
 
 def read_label_map(path: str | os.PathLike) -> tuple[np.ndarray, VolumeGeometry, list[Segment]]:
@@ -241,22 +291,18 @@ def read_label_map(path: str | os.PathLike) -> tuple[np.ndarray, VolumeGeometry,
 
     Names and colours come from a Slicer ``.seg.nrrd`` header when present;
     plain label maps get ``Segment_<label>`` names for every value found.
+    The array is (z, y, x), or (layers, z, y, x) for a Slicer segmentation
+    that keeps overlapping segments in several layers (see :mod:`label_layers`).
     """
     image = _read_sitk(path)
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        layers, segments = _layers_from_image(image, path, _segments_from_metadata(image))
+        return layers, VolumeGeometry.from_image(image), segments
     _require_3d_scalar(image, path)
-    pixel = image.GetPixelID()
-    if pixel in (sitk.sitkFloat32, sitk.sitkFloat64):
-        array = sitk.GetArrayFromImage(image)
-        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
-            raise VolumeReadError(f"{path} holds non-integer values; a label map must hold whole numbers")
-    else:
-        array = sitk.GetArrayFromImage(image)
-    if array.min(initial=0) < 0:
-        raise VolumeReadError(f"{path} holds negative labels; labels must be 0 (background) or positive")
-    if array.max(initial=0) > np.iinfo(np.uint16).max:
-        raise VolumeReadError(f"{path} holds labels above {np.iinfo(np.uint16).max}")
+    array = sitk.GetArrayFromImage(image)
+    _check_label_values(array, path)
     array = array.astype(np.uint16)
-    segments = _segments_from_metadata(image)
+    segments = [replace(s, layer=0) for s in _segments_from_metadata(image)]
     if not segments:
         segments = [Segment(label=int(v), name=f"Segment_{int(v)}", color=default_color(int(v)))
                     for v in np.unique(array) if v != 0]
@@ -267,21 +313,31 @@ def unlisted_label_values(array: np.ndarray, segments: list[Segment]) -> dict[in
     """Label values (with their voxel counts) present in ``array`` that no segment lists.
 
     A Slicer ``.seg.nrrd`` whose header misses a value leaves those voxels
-    out of every segment; the user should hear about it.
+    out of every segment; the user should hear about it. In a multi-layer
+    map a value counts as listed only in its segment's layer.
     """
+    if np.ndim(array) == 4:
+        unlisted: dict[int, int] = {}
+        for layer, values in enumerate(array):
+            for value, count in unlisted_label_values(values, [s for s in segments if s.layer == layer]).items():
+                unlisted[value] = unlisted.get(value, 0) + count
+        return unlisted
     listed = {s.label for s in segments}
     counts = np.bincount(np.asarray(array, dtype=np.uint16).ravel())
     return {int(v): int(counts[v]) for v in np.flatnonzero(counts) if v != 0 and int(v) not in listed}
 
 
-def _image_from_array(array: np.ndarray, geometry: VolumeGeometry) -> sitk.Image:
-    if tuple(array.shape[::-1]) != tuple(geometry.size):
+def _image_from_array(array: np.ndarray, geometry: VolumeGeometry, layered: bool = False) -> sitk.Image:
+    spatial = array.shape[1:] if layered else array.shape
+    if tuple(spatial[::-1]) != tuple(geometry.size):
         raise ValueError(f"Array shape {array.shape} (z, y, x) does not match grid size {geometry.size} (x, y, z)")
+    if layered:  # one vector component per layer, as Slicer's storage node reads it
+        return geometry.apply_to(sitk.GetImageFromArray(np.moveaxis(array, 0, -1), isVector=True))
     return geometry.apply_to(sitk.GetImageFromArray(array))
 
 
 def _add_slicer_segment_fields(image: sitk.Image, segments: list[Segment]) -> None:
-    """Header fields Slicer's segmentation storage node reads (one shared labelmap layer)."""
+    """Header fields Slicer's segmentation storage node reads (each segment's value and layer)."""
     size = image.GetSize()
     extent = f"0 {size[0] - 1} 0 {size[1] - 1} 0 {size[2] - 1}"
     image.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
@@ -295,22 +351,42 @@ def _add_slicer_segment_fields(image: sitk.Image, segments: list[Segment]) -> No
         image.SetMetaData(prefix + "Color", " ".join(f"{c:.6g}" for c in segment.color))
         image.SetMetaData(prefix + "ColorAutoGenerated", "0")
         image.SetMetaData(prefix + "LabelValue", str(segment.label))
-        image.SetMetaData(prefix + "Layer", "0")
+        image.SetMetaData(prefix + "Layer", str(segment.layer))
         image.SetMetaData(prefix + "Extent", extent)
         image.SetMetaData(prefix + "Tags", "|")
 
 
 def write_label_map(path: str | os.PathLike, array: np.ndarray, geometry: VolumeGeometry,
                     segments: list[Segment]) -> Path:
-    """Write a label map atomically; ``.seg.nrrd`` files carry the segment names and colours."""
+    """Write a label map atomically; ``.seg.nrrd`` files carry the segment names and colours.
+
+    A (layers, z, y, x) array (overlapping segments, each segment's ``layer``
+    set) is written as Slicer writes a multi-layer segmentation, and only to
+    a ``.seg.nrrd``: other formats hold one label per voxel.
+    """
     path = Path(path)
+    layered = np.ndim(array) == 4 and array.shape[0] > 1
+    if np.ndim(array) == 4 and not layered:
+        array = array[0]
+    if layered and not path.name.endswith(".seg.nrrd"):
+        raise ValueError(f"Overlapping segments need a .seg.nrrd output (layers); cannot write {path.name}")
     image = _image_from_array(np.ascontiguousarray(array, dtype=np.uint16 if array.max(initial=0) > 255 else np.uint8),
-                              geometry)
+                              geometry, layered)
     if path.name.endswith(".seg.nrrd"):
-        _add_slicer_segment_fields(image, segments)
+        _add_slicer_segment_fields(image, segments if layered else [replace(s, layer=0) for s in segments])
     with atomic_path(path) as temporary:
         sitk.WriteImage(image, str(temporary), useCompression=True)
+        if layered:
+            _mark_layer_axis_as_list(temporary)
     return path
+
+
+def _mark_layer_axis_as_list(path: Path) -> None:
+    """Call the layer axis a ``list`` (SimpleITK writes ``vector``), exactly as Slicer's own files do."""
+    data = path.read_bytes()
+    end = data.find(b"\n\n")
+    header = data[:end].replace(b"\nkinds: vector ", b"\nkinds: list ", 1)
+    path.write_bytes(header + data[end:])
 
 
 def write_image(path: str | os.PathLike, array: np.ndarray, geometry: VolumeGeometry) -> Path:
