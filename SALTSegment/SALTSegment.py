@@ -16,6 +16,7 @@ import sys
 import ctk
 import qt
 import slicer
+import vtk
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -27,6 +28,7 @@ from slicer.util import VTKObservationMixin
 from SALTSegmentLib.host import choices, dependencies, run_folders
 from SALTSegmentLib.host.adapter_metadata import AdapterFileError, load_adapter_metadata
 from SALTSegmentLib.host.panel_state import NODE_ROLES, PanelState
+from SALTSegmentLib.host.propagation_findings import PropagationFindings
 from SALTSegmentLib.host.process_tree import kill_tree, pid_alive
 from SALTSegmentLib.host.worker_driver import (CancelPlan, EvaluateCommand, ModelsCommand, PropagateCommand,
                                                 TrainCommand, WorkerMonitor, WorkerOutcome, last_line,
@@ -137,6 +139,7 @@ class SALTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fineTuneButton.clicked.connect(self.onFineTune)
         self.ui.propagateButton.clicked.connect(self.onPropagate)
         self.ui.undoPropagationButton.clicked.connect(self.onUndoPropagation)
+        self.ui.jumpToSliceButton.clicked.connect(self.onJumpToSuggestedSlice)
         self.ui.useAdapterButton.clicked.connect(self.onUseAdapter)
         self.ui.saveAdapterButton.clicked.connect(self.onSaveAdapter)
         self.ui.loadAdapterButton.clicked.connect(self.onImportAdapter)
@@ -328,6 +331,7 @@ class SALTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.propagateButton.enabled = kind == "propagate" or (kind is None and haveInputs and not problem
                                                                   and self.logic.currentAdapter is not None)
         self.ui.undoPropagationButton.enabled = kind is None and self.logic.undoPoint is not None
+        self.ui.jumpToSliceButton.enabled = self.ui.nextSliceComboBox.count > 0
         self.ui.evaluateButton.enabled = kind == "evaluate" or (
             kind is None and haveInputs and self.ui.referenceSegmentationSelector.currentNode() is not None)
         self.ui.downloadModelButton.enabled = kind == "download" or (
@@ -502,12 +506,25 @@ class SALTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay("Could not import the propagated segmentation.", waitCursor=True):
                 summary = self.logic.applyPropagationResult(outcome)
                 self._editsAtImport = self._edits
-                self.ui.propagateStatusLabel.text = summary
+                findings = self.logic.lastFindings
+                self.ui.propagateStatusLabel.text = " ".join(filter(None, [summary, findings.status_line()]))
+                self.showSuggestedSlices(findings)
         else:
             self.logic.discardPropagation()
             if outcome.status == "cancelled":
                 self.ui.propagateStatusLabel.text = "Propagation cancelled: the segmentation was not changed."
         self.updateInputs()
+
+    def showSuggestedSlices(self, findings):
+        """Offer the propagation's suggested slices (one per segment) to jump to and draw."""
+        self.ui.nextSliceComboBox.clear()
+        for nextSlice in findings.next_slices:
+            self.ui.nextSliceComboBox.addItem(nextSlice.describe(), nextSlice.slice)
+
+    def onJumpToSuggestedSlice(self):
+        index = self.ui.nextSliceComboBox.currentData
+        if index is not None:
+            self.logic.jumpToSlice(self.ui.inputVolumeSelector.currentNode(), int(index))
 
     def onUndoPropagation(self):
         if self._editsAtImport is not None and self._edits != self._editsAtImport and \
@@ -762,6 +779,8 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
         self.currentAdapter = None
         self.pendingResult = None
         self.undoPoint = None
+        self.lastFindings = PropagationFindings()   # extents, estimate, suggested slices of the last import
+        self.lastAxis = None                        # the array axis the last propagation ran along
         self._modelInfo = None
         self._torchInstalled = None
         self._metadata = {}
@@ -1070,8 +1089,30 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
         finally:
             self.discardPropagation()
         names = [segmentationNode.GetSegmentation().GetSegment(i).GetName() for i in written]
+        self.lastFindings = PropagationFindings.from_summary(outcome.summary)
+        for line in self.lastFindings.extents + [self.lastFindings.estimate or ""]:
+            if line:
+                logging.info(f"SALTSegment: {line}")
+        self.lastAxis = context["axis"]
         return (f"Propagation done: {', '.join(names)} updated; every slice you drew was kept as drawn. "
                 "Undo propagation reverts it.")
+
+    def jumpToSlice(self, volumeNode, index, arrayAxis=None):
+        """Centre every slice view on slice ``index`` (along the last propagation's axis) of the volume.
+
+        Returns the RAS point jumped to. The point is the slice's centre in the
+        volume's own grid (a parent transform of the volume is not applied).
+        """
+        arrayAxis = self.lastAxis if arrayAxis is None else arrayAxis
+        if volumeNode is None or arrayAxis is None:
+            raise ValueError("Propagate first: the suggested slices come from the last propagation")
+        ijk = [(size - 1) / 2.0 for size in volumeNode.GetImageData().GetDimensions()]
+        ijk[2 - arrayAxis] = float(index)            # array axis 0 is k, the last IJK index
+        matrix = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(matrix)
+        ras = matrix.MultiplyPoint(ijk + [1.0])[:3]
+        slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, *ras, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+        return tuple(ras)
 
     def discardPropagation(self):
         if self.pendingResult is not None:

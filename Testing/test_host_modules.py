@@ -177,3 +177,20 @@ def test_stop_request_reads_the_stop_file(tmp_path):
     request_stop(stop_file)
     assert stop() and stop.requested
     assert not StopRequest()()
+
+
+def test_propagation_findings_read_from_a_result_summary():
+    from SALTSegmentLib.host.propagation_findings import NextSlice, PropagationFindings
+
+    summary = {"extents": [{"segment": "Liver", "first": 3, "last": 40, "text": "Liver: slices 3-40 (first: x; last: y)"},
+                           {"segment": "broken"}],
+               "estimate": {"propagation": 0.81, "fill_between_slices": 0.74,
+                            "text": "expected Dice on unlabelled slices: 0.81; Fill between slices: 0.74"},
+               "suggested_slices": [{"segment": "Liver", "slice": 22, "reason": "widest gap"},
+                                    {"segment": "Spleen", "slice": "not a number", "reason": "?"}]}
+    findings = PropagationFindings.from_summary(summary)
+    assert findings.extents == ["Liver: slices 3-40 (first: x; last: y)"]
+    assert findings.next_slices == [NextSlice("Liver", 22, "widest gap")]
+    assert findings.status_line() == "Expected Dice on unlabelled slices: 0.81; Fill between slices: 0.74."
+    nothing = PropagationFindings.from_summary(None)
+    assert nothing.extents == [] and nothing.estimate is None and nothing.status_line() == ""

@@ -153,10 +153,22 @@ def test_propagate_keeps_every_drawn_slice_and_undoes_in_one_step(module, thalam
     assert outcome.status == "ok", outcome.message
     summary = logic.applyPropagationResult(outcome)
     assert "Thalamus_L updated" in summary and not os.path.exists(folder)
+    findings = logic.lastFindings                   # what the panel shows and the Slicer log gets
+    assert findings.extents and findings.extents[0].startswith("Thalamus_L: slices ")
+    assert findings.estimate and findings.estimate.startswith("expected Dice on unlabelled slices")
+    assert all(0 <= s.slice < 8 and s.slice not in (2, 4, 6) for s in findings.next_slices)
     after = bridge.segmentation_to_label_map(segmentation, volume).array
     for k in (2, 4, 6):
         assert np.array_equal(after[k], before[k]), f"drawn slice {k} changed"
     assert not np.array_equal(after, before), "propagation wrote nothing"
+
+    red = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSliceNode")   # a slice view's node, axial
+    red.SetOrientationToAxial()
+    ras = logic.jumpToSlice(volume, 5)
+    centre_of_slice_5 = matrix @ np.array([(shape[2] - 1) / 2, (shape[1] - 1) / 2, 5, 1.0])   # (i, j, k, 1)
+    np.testing.assert_allclose(ras, centre_of_slice_5[:3], atol=1e-6)
+    to_ras = red.GetSliceToRAS()
+    np.testing.assert_allclose([to_ras.GetElement(r, 3) for r in range(3)], ras, atol=1e-6)
 
     assert logic.undoPoint is not None
     logic.undoPropagation()

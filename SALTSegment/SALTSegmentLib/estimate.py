@@ -68,7 +68,7 @@ class QualityEstimate:
 
     def to_dict(self) -> dict:
         return {"propagation": self.propagation, "fill_between_slices": self.fill_between_slices,
-                "segments": [asdict(s) for s in self.segments]}
+                "segments": [asdict(s) for s in self.segments], "text": self.describe()}
 
 
 def leave_one_out(run: BoxPropagation, segments: Sequence[Segment], user_labels: np.ndarray,

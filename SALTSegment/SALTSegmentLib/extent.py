@@ -77,7 +77,7 @@ class SegmentExtent:
     def to_dict(self) -> dict:
         return {"segment": self.name, "first": self.first.slice, "last": self.last.slice,
                 "first_reason": self.first.reason, "last_reason": self.last.reason,
-                "beyond_drawn": [self.first.beyond_drawn, self.last.beyond_drawn]}
+                "beyond_drawn": [self.first.beyond_drawn, self.last.beyond_drawn], "text": self.describe()}
 
     def describe(self) -> str:
         return (f"{self.name}: slices {self.first.slice}-{self.last.slice} "
