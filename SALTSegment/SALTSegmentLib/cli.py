@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-oracle", action="store_true", help="quality: skip the zero-shot oracle-box line")
     bench.add_argument("--no-suggestion", action="store_true",
                        help="quality: skip the extra-slice experiment (suggested vs evenly chosen slice)")
+    bench.add_argument("--merge", metavar="JSON[,JSON...]",
+                       help="quality: run nothing; write one table and plot from earlier runs' quality.json files")
     bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     models = commands.add_parser("models", help="list base models, or download one")
@@ -364,6 +366,14 @@ def _bench(args) -> int:
         with atomic_path(out / "speed.json") as temporary:
             temporary.write_text(json.dumps(results, indent=2))
         print(json.dumps(results))
+        return EXIT_OK
+    if args.merge:
+        parts = [quality.QualityResults.from_dict(json.loads(Path(p.strip()).read_text()))
+                 for p in args.merge.split(",") if p.strip()]
+        results = quality.merge_results(parts)
+        paths = quality.write_quality_outputs(results, out)
+        print(quality.quality_table(results))
+        print("wrote " + ", ".join(str(p) for p in paths))
         return EXIT_OK
     if bool(args.image) != bool(args.labels):
         raise ValueError("Give both --image and --labels (a full reference), or neither")

@@ -8,10 +8,12 @@ drive the same code.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -30,10 +32,15 @@ from .models import WeightsError, get_spec, load_model
 from .propagation import (MODES_NEEDING_LABELS, PropagationConfig, PropagationInputError, PropagationProgress,
                           PropagationResult, VolumePropagator)
 from .training import (FewShotData, FewShotTrainer, StepReport, TrainingConfig, TrainingInputError, TrainingResult,
-                       check_training_data)
+                       WarmStart, check_training_cases, merge_segments)
+from .host.adapter_metadata import case_record, file_sha256, lineage_record
 from .segment_matching import SegmentMatch, match_segments
 from .volume_io import (Segment, VolumeGeometry, read_image, read_label_map, read_volume_info, require_3d_scalar,
                         unlisted_label_values, write_label_map)
+
+if TYPE_CHECKING:
+    from .distributed import Distributed
+
 
 class GridMismatchError(ValueError):
     """The label map is not on the image's voxel grid."""
@@ -139,18 +146,33 @@ def check_image_values(image: np.ndarray) -> None:
 
 
 @dataclass
-class TrainJob:
+class TrainCase:
+    """One volume to train on: image, label map and (optionally) its labelled slices."""
+
     image: str
     labels: str
+    slices: Optional[list[int]] = None
+
+
+@dataclass
+class TrainJob:
+    image: Optional[str]         # the first volume (None when every volume is in ``cases``)
+    labels: Optional[str]
     out: str
-    model_id: str = "lite_medsam"
+    model_id: Optional[str] = None   # None: lite_medsam, or the --init adapter's base model
     weights: Optional[str] = None
     segments: Optional[list[str]] = None
     slices: Optional[list[int]] = None
-    axis: str = "axial"          # an anatomical plane (resolved from the image direction) or a voxel axis i/j/k
-    intensity: str = "auto"
+    axis: Optional[str] = None   # an anatomical plane or a voxel axis i/j/k; None: axial, or the --init adapter's plane
+    intensity: str = "auto"      # with --init, "auto" means the parent's mapping
     resample_labels: bool = False
     config: TrainingConfig = field(default_factory=TrainingConfig)
+    cases: list[TrainCase] = field(default_factory=list)   # more volumes, segments matched by name
+    init: Optional[str] = None   # a parent adapter to continue (same base model and method)
+
+    def all_cases(self) -> list[TrainCase]:
+        first = [TrainCase(self.image, self.labels, self.slices)] if self.image is not None else []
+        return first + list(self.cases)
 
 
 @dataclass
@@ -161,15 +183,21 @@ class TrainOutcome:
     memory_estimate: Optional[MemoryEstimate] = None
 
 
-def _check_training_memory(job: TrainJob, size: tuple[int, ...], read_bytes: int, slices: Optional[int],
-                           segments: int, setting: dict[str, bool]) -> MemoryEstimate:
-    """Refuse a training run that would not fit; ``slices`` is None before the labels are read (1 assumed)."""
-    estimate = training_memory(int(np.prod(size, dtype=np.float64)), read_bytes, slices or 1, segments,
-                               model_id=job.model_id, method=job.config.method,
-                               input_size=get_spec(job.model_id).default_input, batch_size=job.config.batch_size,
+def _check_training_memory(job: TrainJob, sizes: list[tuple[int, ...]], read_bytes: int, slices: Optional[int],
+                           segments: int, setting: dict[str, bool], model_id: str = "lite_medsam") -> MemoryEstimate:
+    """Refuse a training run that would not fit; ``slices`` is None before the labels are read (1 assumed).
+
+    Every volume is held while the bank is built, so several volumes add up.
+    """
+    voxels = int(sum(np.prod(size, dtype=np.float64) for size in sizes))
+    estimate = training_memory(voxels, read_bytes, slices or 1, segments,
+                               model_id=model_id, method=job.config.method,
+                               input_size=get_spec(model_id).default_input, batch_size=job.config.batch_size,
                                copies_per_slice=job.config.copies_per_slice, **setting)
     labelled = f" {slices} labelled slice{'s' if slices != 1 else ''} of" if slices else ""
-    check_memory(estimate, f"Training on{labelled} this {' x '.join(map(str, size))} volume",
+    volumes = (f"this {' x '.join(map(str, sizes[0]))} volume" if len(sizes) == 1
+               else f"these {len(sizes)} volumes ({voxels:,} voxels)")
+    check_memory(estimate, f"Training on{labelled} {volumes}",
                  "crop the volume around the labelled slices, label fewer slices, lower --batch-size, "
                  "or close other programs")
     return estimate
@@ -179,7 +207,8 @@ def run_training(job: TrainJob, on_step: Optional[Callable[[StepReport], None]] 
                  should_stop: Optional[Callable[[], bool]] = None,
                  on_checkpoint: Optional[Callable[[Path, int], None]] = None,
                  on_message: Optional[Callable[[str], None]] = None,
-                 on_ready: Optional[Callable[[], None]] = None) -> TrainOutcome:
+                 on_ready: Optional[Callable[[], None]] = None,
+                 distributed: Optional["Distributed"] = None) -> TrainOutcome:
     """Train an adapter from files; checkpoints and the final adapter go atomically to ``job.out``.
 
     Every input is checked before the model is loaded (``on_ready`` is called
@@ -187,57 +216,183 @@ def run_training(job: TrainJob, on_step: Optional[Callable[[StepReport], None]] 
     and writes nothing (an existing file at ``job.out`` stays as it was); a
     later one ends training at the next step and saves the adapter. The
     output is never an input, and one run at a time writes it (a lock file
-    beside it).
+    beside it). Under torchrun (``distributed``) every rank trains and rank 0
+    alone holds the lock and writes.
     """
     out = check_output_path(job.out)
-    check_output_is_not_an_input(out, {"--image": job.image, "--labels": job.labels, "--weights": job.weights})
+    inputs = {"--weights": job.weights, "--init": job.init}
+    for number, case in enumerate(job.all_cases()):
+        inputs[f"--image #{number + 1}" if number else "--image"] = case.image
+        inputs[f"--labels #{number + 1}" if number else "--labels"] = case.labels
+    check_output_is_not_an_input(out, inputs)
     check_adapter_suffix(out)
-    with output_lock(out):
-        return _train_locked(job, out, on_step, should_stop, on_checkpoint, on_message, on_ready)
+    main = distributed is None or distributed.is_main
+    with output_lock(out) if main else contextlib.nullcontext():
+        return _train_locked(job, out, on_step, should_stop, on_checkpoint, on_message, on_ready, distributed)
+
+
+@dataclass
+class _Parent:
+    """The adapter ``--init`` continues: its checked metadata and the sha256 of its file."""
+
+    path: str
+    metadata: AdapterMetadata
+    sha256: str
+
+
+def _parent_adapter(job: TrainJob) -> _Parent:
+    """Read ``--init`` (header only) and refuse a parent that this job cannot continue."""
+    metadata = load_adapter_metadata(job.init)
+    name = Path(job.init).name
+    problems = []
+    if job.model_id is not None and job.model_id != metadata.base_model:
+        problems.append(f"base model {metadata.base_model}, not {job.model_id}")
+    if job.config.method != metadata.method:
+        problems.append(f"method {metadata.method}, not {job.config.method}")
+    else:
+        changed = {k: v for k, v in job.config.method_options.items() if metadata.method_config.get(k) != v}
+        if changed:
+            problems.append(f"{metadata.method} options {metadata.method_config}, not {changed}")
+    if problems:
+        raise TrainingInputError(f"Cannot continue {name}: it was trained with {'; '.join(problems)}. "
+                                 "A continued adapter keeps its parent's base model and method; leave --method, "
+                                 "--model and --rank out, or train a new adapter without --init")
+    return _Parent(job.init, metadata, file_sha256(job.init))
+
+
+def _case_intensity(job: TrainJob, parent: Optional[_Parent], image: np.ndarray) -> pp.IntensityMapping:
+    if parent is None:
+        return pp.parse_intensity(job.intensity, image)
+    inherited = parent.metadata.intensity_mapping
+    if job.intensity != "auto" and pp.parse_intensity(job.intensity, image) != inherited:
+        raise TrainingInputError(f"Cannot continue {Path(parent.path).name} with --intensity {job.intensity}: it "
+                                 f"maps intensities as {inherited.describe()}; leave --intensity out")
+    return inherited
+
+
+def _case_axis(job: TrainJob, parent: Optional[_Parent], direction) -> tuple[str, str]:
+    """(voxel axis, plane) of a case: --axis, else the parent's plane (its voxel axis for format 1), else axial."""
+    if parent is None:
+        return resolve_axis(job.axis or "axial", direction)
+    axis, plane = resolve_axis(parent.metadata.plane or parent.metadata.axis, direction)
+    if job.axis is not None and resolve_axis(job.axis, direction)[0] != axis:
+        raise TrainingInputError(f"Cannot continue {Path(parent.path).name} along --axis {job.axis}: it was "
+                                 f"trained on {parent.metadata.plane or 'voxel axis ' + parent.metadata.axis} "
+                                 "slices; leave --axis out")
+    return axis, plane
+
+
+def _read_training_cases(job: TrainJob, cases: list[TrainCase], parent: Optional[_Parent],
+                         on_message) -> tuple[list[FewShotData], list[str], str]:
+    """Every case as :class:`FewShotData` (segments selected, intensity and axis resolved), checked together."""
+    datas, planes, axes = [], set(), []
+    several = len(cases) > 1
+    for case in cases:
+        volume = read_labelled_volume(case.image, case.labels, job.resample_labels, on_message)
+        check_image_values(volume.image)
+        if several and job.segments:
+            wanted = set(job.segments)
+            segments = [s for s in volume.segments if s.name in wanted or str(s.label) in wanted]
+        else:
+            segments = select_segments(volume.segments, job.segments)
+        axis, plane = _case_axis(job, parent, volume.geometry.direction)
+        planes.add(plane)
+        axes.append(axis)
+        datas.append(FewShotData(volume.image, volume.labels, volume.geometry.spacing, segments,
+                                 _case_intensity(job, parent, volume.image), axis, case.slices,
+                                 name=Path(case.image).name))
+    if several:
+        if job.segments:
+            found = {s.name for d in datas for s in d.segments} | {str(s.label) for d in datas for s in d.segments}
+            missing = [item for item in job.segments if item not in found]
+            if missing:
+                raise TrainingInputError(f"No case holds a segment named {', '.join(map(repr, missing))}")
+        if len(planes) > 1:
+            raise TrainingInputError(f"The volumes are cut in different planes along --axis {job.axis} "
+                                     f"({', '.join(sorted(planes))}); pass an anatomical plane (--axis axial)")
+        mappings = {json.dumps(d.intensity.to_dict(), sort_keys=True) for d in datas}
+        if len(mappings) > 1:
+            kinds = ", ".join(sorted({d.intensity.describe() for d in datas}))
+            raise TrainingInputError(f"The volumes would map intensities differently ({kinds}); pass one "
+                                     "--intensity for all (mr, ct, a CT preset or L,W)")
+    return datas, axes, planes.pop()
 
 
 def _train_locked(job: TrainJob, out: Path, on_step, should_stop, on_checkpoint, on_message,
-                  on_ready) -> TrainOutcome:
-    get_spec(job.model_id)
+                  on_ready, distributed: Optional["Distributed"] = None) -> TrainOutcome:
+    main = distributed is None or distributed.is_main
+    cases = job.all_cases()
+    if not cases:
+        raise TrainingInputError("Nothing to train on: give --image and --labels, or --cases FILE")
+    if job.slices is not None and len(cases) > 1:
+        raise TrainingInputError("--slices applies to one volume; with several, give each volume's slices in the "
+                                 "'slices' column of --cases")
+    parent = _parent_adapter(job) if job.init else None
+    model_id = job.model_id or (parent.metadata.base_model if parent else "lite_medsam")
+    get_spec(model_id)
     if job.weights is not None and not Path(job.weights).is_file():
         raise WeightsError(f"Weights file not found: {job.weights}")
-    info = _volume_info_checked(job.image)
-    _volume_info_checked(job.labels, label_map=True)
+    infos = []
+    for case in cases:
+        infos.append(_volume_info_checked(case.image))
+        _volume_info_checked(case.labels, label_map=True)
     setting = _memory_setting(job.config.device, job.config.precision)
-    if info is not None:  # the volume alone, from its header: a volume too large is refused before it is read
-        _check_training_memory(job, info.size, info.bytes_per_component, None, 1, setting)
-    volume = read_labelled_volume(job.image, job.labels, job.resample_labels, on_message)
-    check_image_values(volume.image)
-    segments = select_segments(volume.segments, job.segments)
-    intensity = pp.parse_intensity(job.intensity, volume.image)
-    axis, plane = resolve_axis(job.axis, volume.geometry.direction)
-    data = FewShotData(volume.image, volume.labels, volume.geometry.spacing, segments, intensity,
-                       axis, job.slices)
-    labelled = check_training_data(data)
-    memory = _check_training_memory(job, volume.geometry.size, info.bytes_per_component if info else 4,
-                                    len(labelled), len(segments), setting)
+    read_bytes = max([info.bytes_per_component for info in infos if info is not None], default=4)
+    if all(info is not None for info in infos):  # the volumes alone, from their headers, before any is read
+        _check_training_memory(job, [info.size for info in infos], read_bytes, None, 1, setting, model_id)
+    datas, axes, plane = _read_training_cases(job, cases, parent, on_message)
+    axis = axes[0]
+    case_slices = check_training_cases(datas)
+    inherited = parent.metadata.segment_list if parent else []
+    segments = merge_segments(datas, inherited)
+    labelled_count = sum(len(s) for s in case_slices)
+    memory = _check_training_memory(job, [d.image.shape[::-1] for d in datas], read_bytes, labelled_count,
+                                    len(segments), setting, model_id)
     if on_ready is not None:
         on_ready()
     stopped = "stopped before the first training step; no adapter was written"
-    _stop_if_requested(should_stop, stopped)
-    model = load_model(job.model_id, weights=job.weights)
-    _stop_if_requested(should_stop, stopped)
+    stop_now = should_stop
+    if distributed is not None:  # every rank asks at the same points, so a stop on one stops all
+        stop_now = lambda: distributed.any(should_stop is not None and should_stop())  # noqa: E731
+    _stop_if_requested(stop_now, stopped)
+    warm_start = None
+    if parent is not None:
+        loaded = load_adapter(parent.path, weights=job.weights)
+        model = loaded.model
+        warm_start = WarmStart(loaded.metadata.method_config,
+                               {name: loaded.prompts.tokens[index].detach().clone()
+                                for index, name in enumerate(loaded.metadata.segment_names)})
+    else:
+        model = load_model(model_id, weights=job.weights)
+    _stop_if_requested(stop_now, stopped)
     if on_message is not None:  # before the trainer's set-up (the augmented bank), which takes a while
-        on_message(f"{len(labelled)} labelled {plane} slices ({describe_axis(axis, None)}), "
-                   f"{len(segments)} segments, {intensity.describe()}, {job.config.method} on {model.model_id}, "
-                   f"{resolve_device(job.config.device)}")
-    trainer = FewShotTrainer(model, data, job.config)
+        volumes = f" of {len(datas)} volumes" if len(datas) > 1 else ""
+        continued = f", continuing {Path(parent.path).name}" if parent else ""
+        ranks = f", {distributed.world_size} processes" if distributed is not None else ""
+        on_message(f"{labelled_count} labelled {plane} slices{volumes} ({describe_axis(axis, None)}), "
+                   f"{len(segments)} segments, {datas[0].intensity.describe()}, {job.config.method} on "
+                   f"{model.model_id}{continued}, {resolve_device(job.config.device)}{ranks}")
+    records = _case_records(cases, datas, case_slices, parent) if main else []
+    trainer = FewShotTrainer(model, datas, job.config, segments=segments, warm_start=warm_start,
+                             distributed=distributed)
 
     def metadata(result: Optional[TrainingResult], steps_done: int) -> AdapterMetadata:
         training = {"config": job.config.to_dict(), "steps_done": steps_done}
         if result is not None:
             training.update(result.summary())
+        lineage = None
+        if parent is not None:
+            lineage = lineage_record(parent.sha256, parent.metadata, [d.name for d in datas],
+                                     [s.name for s in segments if s not in inherited])
         return AdapterMetadata(
             base_model=model.model_id, base_weights_sha256=model.weights_sha256, input_size=model.input_size,
-            method=job.config.method, method_config=trainer.method_config, intensity=intensity.to_dict(),
-            axis=axis, plane=plane, segments=AdapterMetadata.segments_to_dicts(segments), training=training)
+            method=job.config.method, method_config=trainer.method_config,
+            intensity=datas[0].intensity.to_dict(), axis=axis, plane=plane,
+            segments=AdapterMetadata.segments_to_dicts(segments), training=training, cases=records, lineage=lineage)
 
     def checkpoint(step: int) -> None:
+        if not main:
+            return
         save_adapter(out, model, trainer.prompts, metadata(None, step))
         if on_checkpoint is not None:
             on_checkpoint(out, step)
@@ -246,8 +401,21 @@ def _train_locked(job: TrainJob, out: Path, on_step, should_stop, on_checkpoint,
     if result.interrupted and result.steps_done == 0:
         raise JobStopped(stopped)  # a 0-step adapter is only the untrained model: keep what was there
     final = metadata(result, result.steps_done)
-    save_adapter(out, model, trainer.prompts, final)
+    if main:
+        save_adapter(out, model, trainer.prompts, final)
     return TrainOutcome(out, result, final, memory)
+
+
+def _case_records(cases: list[TrainCase], datas: list[FewShotData], case_slices: list[list[int]],
+                  parent: Optional[_Parent]) -> list[dict]:
+    """The parent's cases, then this run's: file name, sha256 of the image, labelled slices, segments."""
+    generation = parent.metadata.generation + 1 if parent else 0
+    records = list(parent.metadata.cases) if parent else []
+    for case, data, slices in zip(cases, datas, case_slices):
+        stack = np.stack([pp.take_slice(data.labels, data.axis, s) for s in slices])
+        held = [s.name for s in data.segments if (stack == s.label).any()]
+        records.append(case_record(Path(case.image).name, file_sha256(case.image), slices, held, generation))
+    return records
 
 
 @dataclass

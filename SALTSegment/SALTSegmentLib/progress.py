@@ -97,5 +97,44 @@ class BarReporter:
             self._bar = None
 
 
+class RankReporter:
+    """A torchrun rank other than 0: progress, messages and results come from rank 0; errors still show.
+
+    Errors and the step a rank ended at go to stderr with the rank's number,
+    so a run's log shows that every rank stopped at the same step.
+    """
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def start(self, command: str, total: int, **fields: Any) -> None:
+        pass
+
+    def train_step(self, report: StepReport) -> None:
+        pass
+
+    def slices(self, progress: PropagationProgress) -> None:
+        pass
+
+    def checkpoint(self, path: str, step: int) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def result(self, outputs: dict[str, str], summary: dict[str, Any]) -> None:
+        pass
+
+    def finished(self, steps: int, interrupted: bool) -> None:
+        print(f"rank {self.rank}: {'stopped' if interrupted else 'finished'} after step {steps}", file=sys.stderr,
+              flush=True)
+
+    def error(self, message: str, hint: Optional[str] = None) -> None:
+        print(f"rank {self.rank}: error: {message}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
 def make_reporter(kind: str):
     return JsonReporter() if kind == "json" else BarReporter()

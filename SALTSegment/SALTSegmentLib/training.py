@@ -13,6 +13,18 @@ trains. The cost that matters on a CPU is the image encoder, so:
 - a slice is sometimes prompted with the learned tokens alone and sometimes
   with tokens plus a jittered box, so the same adapter serves token-only
   propagation and box-guided propagation from the labelled slices.
+
+Several volumes (cases) train one adapter: their segments are matched by
+name, each case's slices go into one bank, and the draw balances cases as well
+as segments, so a small volume is not drowned by a large one. A segment a case
+does not hold is unknown there (no loss term), never a negative. A warm start
+(:class:`WarmStart`) continues a parent adapter: the model already carries its
+tensors, and its segments keep their tokens.
+
+Under ``torchrun`` (:mod:`distributed`) every rank draws the same global batch
+of ``batch_size`` x ranks rows and computes its own share; DistributedDataParallel
+averages the gradients, scaled so that the step equals one process's step on
+the whole global batch.
 """
 
 from __future__ import annotations
@@ -20,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,13 +42,15 @@ from . import preprocessing as pp
 from .adapters import apply_method, encoder_is_frozen, method_spec
 from .augmentation import AugmentationConfig, augment
 from .devices import autocast, autocast_dtype, resolve_device
-from .label_layers import value_mask
 from .losses import dice_bce_loss
 from .models import PromptableSegmenter
 from .host.choices import DEFAULT_STEPS
 from .prompts import SegmentPrompts
 from .slices import labelled_slices, voxel_axis
 from .volume_io import Segment
+
+if TYPE_CHECKING:
+    from .distributed import Distributed
 
 
 class TrainingInputError(ValueError):
@@ -79,6 +93,7 @@ class FewShotData:
     intensity: pp.IntensityMapping
     axis: str = "k"                            # a voxel axis key (see slices.py); "axial" still reads as k
     labelled_slices: Optional[list[int]] = None
+    name: str = ""                             # the case's name in messages (its image file name)
 
     def resolved_slices(self) -> list[int]:
         """The explicit list, or every slice where a selected segment has voxels."""
@@ -116,6 +131,59 @@ def check_training_data(data: FewShotData, slices: Optional[list[int]] = None) -
     return slices
 
 
+def merge_segments(cases: Sequence[FewShotData], first: Sequence[Segment] = ()) -> list[Segment]:
+    """The adapter's segments: ``first`` (a parent adapter's), then every case's, matched by name.
+
+    A segment keeps the label value and colour it has where it first
+    appears; a value already taken by another name moves to the lowest free one.
+    """
+    merged = list(first)
+    for case in cases:
+        for segment in case.segments:
+            if any(s.name == segment.name for s in merged):
+                continue
+            taken = {s.label for s in merged}
+            label = segment.label if segment.label not in taken else next(v for v in range(1, 1 << 16)
+                                                                          if v not in taken)
+            merged.append(Segment(label, segment.name, segment.color))
+    return merged
+
+
+def check_training_cases(cases: Sequence[FewShotData]) -> list[list[int]]:
+    """Refuse cases that cannot train one adapter together; return each case's labelled slices.
+
+    One case is checked as always (:func:`check_training_data`). With several,
+    each needs a labelled slice, and each segment voxels on the labelled
+    slices of at least one case; a case may leave a segment out.
+    """
+    if len(cases) == 1:
+        return [check_training_data(cases[0])]
+    all_slices, drawn = [], set()
+    for number, case in enumerate(cases, start=1):
+        what = case.name or f"case {number}"
+        if not case.segments:
+            raise TrainingInputError(f"{what}: the label map holds no segment")
+        slices = case.resolved_slices()
+        if not slices:
+            raise TrainingInputError(f"{what}: no labelled slice (no selected segment has voxels)")
+        stack = np.stack([pp.take_slice(case.labels, case.axis, s) for s in slices])
+        drawn |= {s.name for s in case.segments if (stack == s.label).any()}
+        all_slices.append(slices)
+    missing = [s.name for s in merge_segments(cases) if s.name not in drawn]
+    if missing:
+        raise TrainingInputError(f"Segment{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
+                                 "has no voxels on the labelled slices of any case; draw it or leave it out")
+    return all_slices
+
+
+@dataclass
+class WarmStart:
+    """What a parent adapter hands to a continued training (the model already carries its tensors)."""
+
+    method_config: dict
+    tokens: dict[str, torch.Tensor]     # segment name -> its learned tokens (tokens, width)
+
+
 @dataclass
 class StepReport:
     step: int
@@ -137,14 +205,18 @@ class TrainingResult:
     labelled_slices: list[int]
     device: str
     precision: str
+    world_size: int = 1
 
     def summary(self) -> dict:
-        return {
+        summary = {
             "steps": self.steps_done, "final_loss": self.losses[-1] if self.losses else None,
             "setup_seconds": round(self.setup_seconds, 2), "train_seconds": round(self.train_seconds, 2),
             "interrupted": self.interrupted, "labelled_slices": self.labelled_slices,
             "device": self.device, "precision": self.precision,
         }
+        if self.world_size > 1:
+            summary["processes"] = self.world_size
+        return summary
 
 
 def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup_fraction: float,
@@ -172,32 +244,69 @@ class _Bank:
     boxes: torch.Tensor           # (copies, K, 4) in the input frame; NaN where absent
     present: torch.Tensor         # (copies, K) bool
     weights: torch.Tensor         # sampling weight per copy
+    known: torch.Tensor           # (copies, K) bool: the copy's case holds the segment (else no loss term)
+    case_index: torch.Tensor      # (copies,) which case a copy comes from
+    valid_hw: torch.Tensor        # (copies, 2) the unpadded input size of the copy's case
+
+
+@dataclass
+class _RowPlan:
+    """One row of a step: a copy of the bank, the segments decoded on it, and its box prompts (or None)."""
+
+    copy_index: int
+    chosen: torch.Tensor
+    boxes: Optional[torch.Tensor]
+
+
+class _StepLoss(torch.nn.Module):
+    """The model and the prompts as one module whose forward is a step's loss (what DDP wraps)."""
+
+    def __init__(self, trainer: "FewShotTrainer") -> None:
+        super().__init__()
+        self.model = trainer.model
+        self.prompts = trainer.prompts
+        self._loss = trainer._step_loss
+
+    def forward(self, plans: list[_RowPlan]) -> torch.Tensor:
+        return self._loss(plans)
 
 
 class FewShotTrainer:
     """Fine-tune ``model`` (in place) and learn one prompt per segment.
 
     Ready to :meth:`step` once constructed: the constructor applies the
-    method, then builds the bank of augmented copies (with the input-only
-    encoder work done), initialises the prompts and creates the optimiser
-    and its schedule (``setup_seconds`` is that last part).
+    method (or, with ``warm_start``, takes the model as its parent left it),
+    then builds the bank of augmented copies of every case's labelled slices
+    (with the input-only encoder work done), initialises the prompts and
+    creates the optimiser and its schedule (``setup_seconds`` is that last
+    part). ``data`` is one case or several; ``segments`` (default: every
+    case's, matched by name) are the adapter's. ``distributed`` makes the
+    trainer one rank of a ``torchrun`` job.
     """
 
-    def __init__(self, model: PromptableSegmenter, data: FewShotData, config: TrainingConfig) -> None:
+    def __init__(self, model: PromptableSegmenter, data: FewShotData | Sequence[FewShotData],
+                 config: TrainingConfig, segments: Optional[Sequence[Segment]] = None,
+                 warm_start: Optional[WarmStart] = None, distributed: Optional["Distributed"] = None) -> None:
         self.model = model
-        self.data = data
+        self.cases = [data] if isinstance(data, FewShotData) else list(data)
+        self.data = self.cases[0]
         self.config = config
-        self.device = resolve_device(config.device)
+        self.distributed = distributed
+        self.rank = distributed.rank if distributed is not None else 0
+        self.world_size = distributed.world_size if distributed is not None else 1
+        self.device = distributed.device(config.device) if distributed is not None else resolve_device(config.device)
         self.dtype = autocast_dtype(self.device, config.precision)
-        self.slices = data.resolved_slices()
-        check_training_data(data, self.slices)
+        self.case_slices = check_training_cases(self.cases)
+        self.slices = self.case_slices[0]
+        self.segments = list(segments) if segments is not None else merge_segments(self.cases)
         torch.manual_seed(config.seed)  # adapter initialisation (e.g. SALT's residual X) draws from it
-        self.method_config = apply_method(model, config.method, config.method_options)
+        if warm_start is None:
+            self.method_config = apply_method(model, config.method, config.method_options)
+        else:
+            self.method_config = dict(warm_start.method_config)
         self.model.to(self.device).eval()  # frozen BatchNorm statistics; there is no dropout to disable
-        self.prompts = SegmentPrompts(len(data.segments)).to(self.device)
-        self.slice_geometry = pp.slice_geometry_for(
-            pp.take_slice(data.image, data.axis, 0).shape, pp.slice_pixel_spacing(data.spacing, data.axis),
-            model.input_size)
+        self.prompts = SegmentPrompts(len(self.segments)).to(self.device)
+        self.slice_geometry = self._geometry(self.data)
         self.low_res = 4 * model.embedding_size[0]
         self.learning_rate = config.learning_rate or method_spec(config.method).learning_rate
         # What the method left trainable decides how much encoder work is input-only (done once per copy).
@@ -208,35 +317,64 @@ class FewShotTrainer:
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.bank = self._build_bank(self.generator)
-        self._init_prompts(self.bank)
+        self._init_prompts(self.bank, warm_start)
+        self.loss_module = _StepLoss(self)
+        if distributed is not None and self.world_size > 1:
+            self.loss_module = distributed.wrap(self.loss_module, self.device)
         self.optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate,
                                            weight_decay=config.weight_decay)
         self.schedule = warmup_cosine_schedule(self.optimizer, config.steps, config.warmup_fraction)
         self.setup_seconds = time.perf_counter() - start
 
     # ------------------------------------------------------------------ data
-    def _labelled_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        volume01 = self.data.intensity.apply(self.data.image)
+    def _geometry(self, case: FewShotData) -> pp.SliceGeometry:
+        return pp.slice_geometry_for(pp.take_slice(case.image, case.axis, 0).shape,
+                                     pp.slice_pixel_spacing(case.spacing, case.axis), self.model.input_size)
+
+    def _labelled_inputs(self, case: FewShotData, slices: list[int],
+                         geometry: pp.SliceGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+        """A case's labelled slices as model inputs, and their masks in the adapter's segment order."""
+        volume01 = case.intensity.apply(case.image)
+        by_name = {s.name: s.label for s in case.segments}
         images, masks = [], []
-        for index in self.slices:
-            image = pp.rescale_slice(pp.take_slice(volume01, self.data.axis, index))
-            labels = pp.take_slice(self.data.labels, self.data.axis, index)
-            images.append(pp.slice_to_input(image, self.slice_geometry))
-            masks.append(torch.stack([pp.mask_to_input(value_mask(labels, s.label, 2), self.slice_geometry)
-                                      for s in self.data.segments]))
+        for index in slices:
+            image = pp.rescale_slice(pp.take_slice(volume01, case.axis, index))
+            labels = pp.take_slice(case.labels, case.axis, index)
+            images.append(pp.slice_to_input(image, geometry))
+            masks.append(torch.stack([pp.mask_to_input(labels == by_name[s.name], geometry) if s.name in by_name
+                                      else torch.zeros(geometry.input_size, geometry.input_size)
+                                      for s in self.segments]))
         return torch.stack(images), torch.stack(masks)
 
+    def _known(self, case: FewShotData, slices: list[int]) -> torch.Tensor:
+        """Which of the adapter's segments the case holds on its labelled slices (elsewhere: unknown)."""
+        stack = np.stack([pp.take_slice(case.labels, case.axis, s) for s in slices])
+        held = {s.name for s in case.segments if (stack == s.label).any()}
+        return torch.tensor([s.name in held for s in self.segments])
+
     def _build_bank(self, generator: torch.Generator) -> _Bank:
-        images, masks = self._labelled_inputs()
-        copies_images, copies_masks = [], []
-        for image, mask in zip(images, masks):
-            copies_images.append(image)
-            copies_masks.append(mask)
-            for _ in range(self.config.copies_per_slice - 1):
-                augmented_image, augmented_mask = augment(image, mask, self.config.augmentation, generator)
-                copies_images.append(augmented_image)
-                copies_masks.append(augmented_mask)
-        images, masks = torch.stack(copies_images), torch.stack(copies_masks)
+        parts = []
+        for number, (case, slices) in enumerate(zip(self.cases, self.case_slices)):
+            geometry = self._geometry(case)
+            images, masks = self._labelled_inputs(case, slices, geometry)
+            copies_images, copies_masks = [], []
+            for image, mask in zip(images, masks):
+                copies_images.append(image)
+                copies_masks.append(mask)
+                for _ in range(self.config.copies_per_slice - 1):
+                    augmented_image, augmented_mask = augment(image, mask, self.config.augmentation, generator)
+                    copies_images.append(augmented_image)
+                    copies_masks.append(augmented_mask)
+            images, masks = torch.stack(copies_images), torch.stack(copies_masks)
+            known = self._known(case, slices).expand(masks.shape[0], -1)
+            parts.append((self._input_features(images, geometry), masks, known,
+                          torch.full((masks.shape[0],), number, dtype=torch.long),
+                          torch.tensor(geometry.resized_shape).expand(masks.shape[0], -1)))
+        features = torch.cat([part[0] for part in parts])
+        masks = torch.cat([part[1] for part in parts])
+        known = torch.cat([part[2] for part in parts])
+        case_index = torch.cat([part[3] for part in parts])
+        valid_hw = torch.cat([part[4] for part in parts])
         present = masks.flatten(2).amax(2) > 0
         boxes = torch.full((*present.shape, 4), float("nan"))
         for copy_index, segment_index in zip(*torch.nonzero(present, as_tuple=True)):
@@ -245,14 +383,28 @@ class FewShotTrainer:
         factor = masks.shape[-1] // self.low_res
         coverage = F.avg_pool2d(masks, factor) if factor > 1 else masks
         targets = torch.stack([torch.stack([pp.binarize_keeping_small(c) for c in copy]) for copy in coverage])
-        # Rare segments pull their slices up: weight = sum over present segments of 1 / (copies holding it).
+        return _Bank(features, targets, boxes, present, self._sampling_weights(present, case_index), known,
+                     case_index, valid_hw)
+
+    def _sampling_weights(self, present: torch.Tensor, case_index: torch.Tensor) -> torch.Tensor:
+        """How often each copy is drawn: rare segments pull their slices up, and so do small cases.
+
+        Segment term: sum over present segments of 1 / (copies holding it).
+        With several cases it is mixed half and half with a case term that
+        gives every case the same share, so each case gets at least half its
+        fair share of the draws whatever its size.
+        """
         counts = present.sum(0).clamp(min=1).float()
         weights = (present.float() / counts).sum(1)
         weights = torch.where(weights > 0, weights, weights[weights > 0].min())
-        return _Bank(self._input_features(images), targets, boxes, present, weights)
+        if len(self.cases) == 1:
+            return weights
+        per_case = torch.bincount(case_index, minlength=len(self.cases)).float()
+        case_weights = 1.0 / (len(self.cases) * per_case[case_index])
+        return 0.5 * weights / weights.sum() + 0.5 * case_weights
 
     @torch.no_grad()
-    def _input_features(self, images: torch.Tensor) -> torch.Tensor:
+    def _input_features(self, images: torch.Tensor, geometry: pp.SliceGeometry) -> torch.Tensor:
         """Run the input-only part of the encoder once per copy."""
         if not self.frozen_encoder and self.prefix_depth == 0:
             return images
@@ -261,40 +413,54 @@ class FewShotTrainer:
             chunk = chunk.to(self.device)
             with autocast(self.device, self.dtype):
                 if self.frozen_encoder:
-                    outputs.append(self.model.encode(chunk, self.slice_geometry.resized_shape))
+                    outputs.append(self.model.encode(chunk, geometry.resized_shape))
                 else:
-                    outputs.append(self.model.encode_prefix(chunk, self.slice_geometry.resized_shape,
-                                                            self.prefix_depth))
+                    outputs.append(self.model.encode_prefix(chunk, geometry.resized_shape, self.prefix_depth))
         return torch.cat(outputs)
 
-    def _embeddings(self, features: torch.Tensor) -> torch.Tensor:
+    def _embeddings(self, features: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         if self.frozen_encoder:
             return features
         if self.prefix_depth:
             return self.model.encode_rest(features, self.prefix_depth)
-        return self.model.encode(features, self.slice_geometry.resized_shape)
+        sizes = self.bank.valid_hw[batch]
+        if bool((sizes == sizes[0]).all()):
+            return self.model.encode(features, tuple(sizes[0].tolist()))
+        # Cases of different shapes: each image's padding is zeroed on its own size.
+        return torch.cat([self.model.encode(features[row:row + 1], tuple(sizes[row].tolist()))
+                          for row in range(features.shape[0])])
 
     # ------------------------------------------------------------------ prompts
     @torch.no_grad()
-    def _init_prompts(self, bank: _Bank) -> None:
-        """Each segment's tokens start as the embedding of its box over all labelled copies."""
+    def _init_prompts(self, bank: _Bank, warm_start: Optional[WarmStart] = None) -> None:
+        """Each segment's tokens start as the embedding of its box over all labelled copies.
+
+        With a warm start, the parent's segments keep their learned tokens.
+        """
         boxes = bank.boxes
         union = torch.stack([
             torch.nan_to_num(boxes[..., 0], nan=math.inf).amin(0), torch.nan_to_num(boxes[..., 1], nan=math.inf).amin(0),
             torch.nan_to_num(boxes[..., 2], nan=-math.inf).amax(0), torch.nan_to_num(boxes[..., 3], nan=-math.inf).amax(0),
         ], dim=1)
+        unseen = ~torch.isfinite(union).all(1)   # a parent's segment no case holds: its own tokens follow
+        union[unseen] = torch.tensor([0.0, 0.0, self.model.input_size - 1.0, self.model.input_size - 1.0])
         self.prompts.init_from_boxes(self.model, union.to(self.device))
+        for index, segment in enumerate(self.segments):
+            if warm_start is not None and segment.name in warm_start.tokens:
+                self.prompts.tokens[index].copy_(warm_start.tokens[segment.name].to(self.prompts.tokens))
 
-    def _choose_segments(self, present: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, bool]:
+    def _choose_segments(self, present: torch.Tensor, generator: torch.Generator,
+                         known: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, bool]:
         """Segments to decode on one copy (present ones first, then at least one absent), and box or not.
 
         Absent segments are kept in box mode too: prompted with a box taken
         from another slice, they teach the model to answer "not here", which
-        is what stops a box walk at the end of a structure.
+        is what stops a box walk at the end of a structure. Only segments the
+        copy's case holds can be absent; the others are unknown there.
         """
         limit = self.config.segments_per_slice
         present_idx = torch.nonzero(present, as_tuple=True)[0]
-        absent_idx = torch.nonzero(~present, as_tuple=True)[0]
+        absent_idx = torch.nonzero(~present if known is None else known & ~present, as_tuple=True)[0]
         use_box = float(torch.rand((), generator=generator)) < self.config.box_prompt_fraction
         present_idx = present_idx[torch.randperm(present_idx.numel(), generator=generator)][:limit]
         room = max(limit - present_idx.numel(), 1 if absent_idx.numel() else 0)
@@ -321,20 +487,29 @@ class FewShotTrainer:
         return grown.clamp(0, self.model.input_size - 1)
 
     # ------------------------------------------------------------------ loop
-    def _step_loss(self, bank: _Bank, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _plan_row(self, copy_index: int, generator: torch.Generator) -> _RowPlan:
+        """The random choices of one row, drawn in a fixed order (every rank draws every row's)."""
+        chosen, use_box = self._choose_segments(self.bank.present[copy_index], generator,
+                                                self.bank.known[copy_index])
+        boxes = self._prompt_boxes(self.bank, copy_index, chosen, generator) if use_box else None
+        return _RowPlan(copy_index, chosen, boxes)
+
+    def _step_loss(self, plans: list[_RowPlan]) -> torch.Tensor:
+        """Mean Dice + BCE over the (row, segment) pairs of ``plans``."""
+        bank = self.bank
+        batch = torch.tensor([plan.copy_index for plan in plans])
         features = bank.features[batch].to(self.device)
         with autocast(self.device, self.dtype):
-            embeddings = self._embeddings(features)
+            embeddings = self._embeddings(features, batch)
             all_logits, all_targets = [], []
-            for row, copy_index in enumerate(batch.tolist()):
-                chosen, use_box = self._choose_segments(bank.present[copy_index], generator)
-                sparse = self.prompts(chosen.to(self.device))
-                if use_box:
-                    boxes = self._prompt_boxes(bank, copy_index, chosen, generator).to(self.device)
+            for row, plan in enumerate(plans):
+                sparse = self.prompts(plan.chosen.to(self.device))
+                if plan.boxes is not None:
+                    boxes = plan.boxes.to(self.device)
                     sparse = torch.cat([sparse, self.model.embed_boxes(boxes).to(sparse.dtype)], dim=1)
                 logits, _ = self.model.decode(embeddings[row:row + 1], sparse)
                 all_logits.append(logits[:, 0])
-                all_targets.append(bank.targets[copy_index, chosen].to(self.device))
+                all_targets.append(bank.targets[plan.copy_index, plan.chosen].to(self.device))
         return dice_bce_loss(torch.cat(all_logits), torch.cat(all_targets))
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -344,17 +519,37 @@ class FewShotTrainer:
         """Nothing is left to prepare: the constructor does it (kept while benchmarks.py still calls it)."""
 
     def step(self) -> tuple[float, float]:
-        """One optimisation step; returns (loss, learning rate used)."""
+        """One optimisation step; returns (loss, learning rate used).
+
+        Every rank draws the same global batch (``batch_size`` rows per rank)
+        and the same choices for each row, then computes the loss of its own
+        rows, weighted by its share of the (row, segment) pairs: averaged over
+        the ranks, the gradient is that of the mean over every pair of the
+        global batch, as one process with the whole batch computes it.
+        """
         weights = self.bank.weights
-        batch = torch.multinomial(weights, self.config.batch_size,
-                                  replacement=weights.numel() < self.config.batch_size, generator=self.generator)
-        loss = self._step_loss(self.bank, batch, self.generator)
+        rows = self.config.batch_size * self.world_size
+        batch = torch.multinomial(weights, rows, replacement=weights.numel() < rows, generator=self.generator)
+        plans = [self._plan_row(copy_index, self.generator) for copy_index in batch.tolist()]
+        mine = plans[self.rank * self.config.batch_size:(self.rank + 1) * self.config.batch_size]
+        share = sum(p.chosen.numel() for p in mine) * self.world_size / sum(p.chosen.numel() for p in plans)
+        loss = self.loss_module(mine) * share
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         rate = self.optimizer.param_groups[0]["lr"]
         self.schedule.step()
-        return float(loss.detach()), rate
+        value = loss.detach().float()
+        if self.world_size > 1:
+            value = self.distributed.mean(value)
+        return float(value), rate
+
+    def _stop_requested(self, should_stop: Optional[Callable[[], bool]]) -> bool:
+        """Whether to stop now: asked here, or, under torchrun, on any rank (all ranks stop at the same step)."""
+        asked = should_stop is not None and should_stop()
+        if self.world_size > 1:
+            return self.distributed.any(asked)
+        return asked
 
     def run(self, on_step: Optional[Callable[[StepReport], None]] = None,
             should_stop: Optional[Callable[[], bool]] = None,
@@ -364,7 +559,7 @@ class FewShotTrainer:
         interrupted = False
         train_start = time.perf_counter()
         for step in range(self.config.steps):
-            if should_stop is not None and should_stop():
+            if self._stop_requested(should_stop):
                 interrupted = True
                 break
             loss, rate = self.step()
@@ -382,4 +577,4 @@ class FewShotTrainer:
             steps_done=len(losses), losses=losses, learning_rates=rates, setup_seconds=self.setup_seconds,
             train_seconds=time.perf_counter() - train_start, interrupted=interrupted,
             labelled_slices=self.slices, device=str(self.device),
-            precision="bf16" if self.dtype == torch.bfloat16 else "fp32")
+            precision="bf16" if self.dtype == torch.bfloat16 else "fp32", world_size=self.world_size)

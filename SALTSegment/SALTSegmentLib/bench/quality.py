@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -114,6 +114,21 @@ class QualityResults:
                          for r in self.runs],
                 "zero_shot_oracle_box": self.zero_shot}
 
+    @classmethod
+    def from_dict(cls, document: dict) -> "QualityResults":
+        names = {f.name for f in fields(QualityRun)}
+        runs = [QualityRun(**{k: v for k, v in run.items() if k in names}) for run in document.get("runs", [])]
+        return cls(runs, dict(document.get("zero_shot_oracle_box", {})))
+
+
+def merge_results(parts: Sequence[QualityResults]) -> QualityResults:
+    """One table from runs made separately (one case at a time, or on several machines)."""
+    merged = QualityResults()
+    for part in parts:
+        merged.runs.extend(part.runs)
+        merged.zero_shot.update(part.zero_shot)
+    return merged
+
 
 def _propagate(trainer: FewShotTrainer, case: BenchCase, drawn: np.ndarray, labelled: list[int],
                config: PropagationConfig):
@@ -148,6 +163,7 @@ def _suggestion_experiment(trainer, case, labelled, result, config) -> dict:
             even[segment.name] = max(gaps)[1]
     scores = {}
     extra_all = set(suggested.values()) | set(even.values())
+    config = replace(config, estimate=False)         # only the Dice of the two choices matters here
     for name, extra in (("suggested", set(suggested.values())), ("even", set(even.values()))):
         more = sorted(set(labelled) | extra)
         drawn = case.drawn(more)

@@ -28,6 +28,7 @@ from .choices import ADAPTER_METHODS, METHODS, MODEL_IDS, PLANES, VOXEL_AXES
 FORMAT_NAME = "saltsegment-adapter"
 # 2: "axis" is the voxel axis (i, j, k) of the training slices and "plane" their anatomical plane.
 # 1: "axis" was axial/coronal/sagittal for the voxel axes k/j/i; still read (see _upgrade_version_1).
+# Format 2 files may carry "cases" and "lineage" (added later, optional): older readers ignore them.
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 PROMPT_KEY = "prompts.tokens"
@@ -60,6 +61,10 @@ class AdapterMetadata:
     segments: list[dict]
     training: dict = field(default_factory=dict)
     plane: Optional[str] = None     # their anatomical plane; None in format 1 files (see SALTSegmentLib.slices)
+    # Every volume the adapter learned from, its parents' included (see case_record); empty in older files.
+    cases: list[dict] = field(default_factory=list)
+    # Where a continued adapter comes from (see lineage_record); None for an adapter trained from scratch.
+    lineage: Optional[dict] = None
     format_version: int = FORMAT_VERSION
     package_version: str = __version__
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
@@ -85,6 +90,56 @@ class AdapterMetadata:
     @staticmethod
     def segments_to_dicts(segments) -> list[dict]:
         return [{"label": s.label, "name": s.name, "color": list(s.color)} for s in segments]
+
+    @property
+    def generation(self) -> int:
+        """0 for an adapter trained from scratch, 1 for its continuation, and so on."""
+        return int(self.lineage["generation"]) if self.lineage else 0
+
+    def history(self) -> str:
+        """One line for the adapter library: the volumes it learned from, and what it continues."""
+        names = [case["name"] for case in self.cases]
+        volumes = (f"learned from {len(names)} volume{'s' if len(names) != 1 else ''} ({', '.join(names)})"
+                   if names else "volumes not recorded")
+        if not self.lineage:
+            return volumes
+        return (f"{volumes}; generation {self.generation}, continues {self.lineage['parent_sha256'][:12]} "
+                f"(added {', '.join(self.lineage['cases_added']) or 'no volume'})")
+
+
+def case_record(name: str, sha256: str, labelled_slices: list[int], segments: list[str],
+                generation: int = 0) -> dict:
+    """A volume an adapter learned from: its file name, the sha256 of the image, the slices and segments used.
+
+    ``generation`` is the lineage generation of the adapter that added it.
+    """
+    return {"name": name, "sha256": sha256, "labelled_slices": [int(s) for s in labelled_slices],
+            "segments": list(segments), "generation": int(generation)}
+
+
+def lineage_record(parent_sha256: str, parent: "AdapterMetadata", cases_added: list[str],
+                   segments_added: list[str]) -> dict:
+    """How a continued adapter descends from ``parent`` (the file with sha256 ``parent_sha256``)."""
+    ancestors = list(parent.lineage["ancestors"]) if parent.lineage else []
+    return {"parent_sha256": parent_sha256, "parent_created": parent.created,
+            "generation": parent.generation + 1, "ancestors": ancestors + [parent_sha256],
+            "cases_added": list(cases_added), "segments_added": list(segments_added)}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of a folder's files (a DICOM series: relative names and contents, sorted)."""
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for item in files:
+        if item != path:
+            digest.update(item.relative_to(path).as_posix().encode("utf-8") + b"\0")
+        with open(item, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
@@ -191,6 +246,8 @@ def metadata_problems(metadata: AdapterMetadata, tensors: dict[str, dict]) -> li
         problems.append(f"unknown plane {metadata.plane!r} (use one of {', '.join(PLANES)})")
     problems += _intensity_problems(metadata.intensity)
     problems += _segment_problems(metadata.segments)
+    problems += _case_problems(metadata.cases)
+    problems += _lineage_problems(metadata.lineage)
     problems += _method_problems(metadata.method, metadata.method_config, tensors)
     prompt = tensors.get(PROMPT_KEY)
     if prompt is None:
@@ -256,6 +313,61 @@ def _segment_problems(segments: Any) -> list[str]:
         problems.append(f"label {label} is used by {labels.count(label)} segments")
     for name in sorted({v for v in names if names.count(v) > 1}):
         problems.append(f"the name {name!r} is used by {names.count(name)} segments")
+    return problems
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _is_text_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _case_problems(cases: Any) -> list[str]:
+    if not isinstance(cases, list):
+        return ["the list of training cases is not a list"]
+    problems = []
+    for number, case in enumerate(cases, start=1):
+        if not isinstance(case, dict):
+            problems.append(f"training case {number} is not a table of values")
+            continue
+        what = f"training case {number}"
+        if not isinstance(case.get("name"), str) or not case["name"]:
+            problems.append(f"{what} has no file name")
+        if not _is_sha256(case.get("sha256")):
+            problems.append(f"{what} has no sha256 of its image")
+        slices = case.get("labelled_slices")
+        if not (isinstance(slices, list) and all(_is_int(s) and s >= 0 for s in slices)):
+            problems.append(f"{what} lists labelled slices {slices!r}, not slice numbers")
+        if not _is_text_list(case.get("segments", [])):
+            problems.append(f"{what} lists segments that are not names")
+        if not (_is_int(case.get("generation", 0)) and case.get("generation", 0) >= 0):
+            problems.append(f"{what} has generation {case.get('generation')!r}, not a whole number")
+    return problems
+
+
+def _lineage_problems(lineage: Any) -> list[str]:
+    if lineage is None:
+        return []
+    if not isinstance(lineage, dict):
+        return ["the lineage is not a table of values"]
+    problems = []
+    if not _is_sha256(lineage.get("parent_sha256")):
+        problems.append("the lineage names no parent adapter sha256")
+    ancestors = lineage.get("ancestors")
+    if not (isinstance(ancestors, list) and ancestors and all(_is_sha256(a) for a in ancestors)):
+        problems.append("the lineage's ancestors are not adapter sha256 values")
+    generation = lineage.get("generation")
+    if not (_is_int(generation) and generation >= 1):
+        problems.append(f"the lineage generation {generation!r} is not a whole number of at least 1")
+    elif isinstance(ancestors, list) and len(ancestors) != generation:
+        problems.append(f"the lineage lists {len(ancestors)} ancestors for generation {generation}")
+    if isinstance(ancestors, list) and ancestors and ancestors[-1] != lineage.get("parent_sha256"):
+        problems.append("the lineage's last ancestor is not its parent")
+    for key in ("cases_added", "segments_added"):
+        if not _is_text_list(lineage.get(key)):
+            problems.append(f"the lineage's {key.replace('_', ' ')} are not names")
     return problems
 
 

@@ -1,0 +1,64 @@
+"""The quality benchmark's bookkeeping: which slices are scored, the labelling protocols, merged runs.
+
+The runs themselves (training and propagation on the development set) are
+too slow for the suite; these are the parts whose mistakes would silently
+change the published numbers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from SALTSegmentLib.bench.cases import BenchCase
+from SALTSegmentLib.bench.quality import (QualityResults, QualityRun, merge_results, quality_table,
+                                          unlabelled_dice, write_quality_outputs)
+from SALTSegmentLib.volume_io import Segment, VolumeGeometry
+
+
+def _case() -> BenchCase:
+    reference = np.zeros((20, 16, 16), np.uint8)
+    reference[4:15, 4:10, 4:10] = 1          # a block on slices 4..14
+    reference[8:12, 11:14, 11:14] = 2        # a small one on slices 8..11
+    geometry = VolumeGeometry((1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    return BenchCase("toy", np.zeros(reference.shape, np.float32), geometry, reference,
+                     [Segment(1, "block"), Segment(2, "small")], "k", "anatomy", "MR")
+
+
+def _run(case: str, method: str, dice: float) -> QualityRun:
+    return QualityRun(case, "per_structure", 3, [5, 9, 13], method, 0, {"block": dice, "small": dice - 0.1},
+                      {"block": 0.6, "small": 0.4}, 3, 4, [], None, 10.0, 5.0)
+
+
+def test_labelled_slices_are_not_scored():
+    case = _case()
+    prediction = case.reference.copy()
+    prediction[9] = 0                          # wrong only on a slice the user drew
+    assert unlabelled_dice(prediction, case, [9]) == {"block": 1.0, "small": 1.0}
+    assert unlabelled_dice(prediction, case, [5])["block"] < 1.0
+
+
+def test_per_structure_protocol_draws_inside_each_structure_and_leaves_its_ends():
+    case = _case()
+    labelled = case.labelled_slices(3)
+    assert {6, 9, 12} <= set(labelled)         # block 4..14: three slices spread inside, ends not drawn
+    assert 4 not in labelled and 14 not in labelled
+    assert any(8 <= s <= 11 for s in labelled)  # the small one is drawn too
+    drawn = case.drawn(labelled)
+    assert set(np.flatnonzero(drawn.any(axis=(1, 2)))) == set(labelled)
+
+
+def test_runs_made_apart_merge_into_one_table(tmp_path):
+    first = QualityResults([_run("toy", "salt", 0.8)], {"toy": {"block": 0.7, "small": 0.5}})
+    second = QualityResults([_run("other", "salt", 0.9), _run("other", "lora", 0.85)], {})
+    documents = [json.loads(json.dumps(part.to_dict())) for part in (first, second)]
+    merged = merge_results([QualityResults.from_dict(d) for d in documents])
+    assert [(r.case, r.method) for r in merged.runs] == [("toy", "salt"), ("other", "salt"), ("other", "lora")]
+    table = quality_table(merged)
+    assert "| toy | 3 | 0.500 | 0.750 | nan |" in table       # Fill between slices, salt, no lora run on toy
+    assert "| other | 3 | 0.500 | 0.850 | 0.800 |" in table
+    paths = write_quality_outputs(merged, tmp_path)
+    assert [p.name for p in paths] == ["quality.json", "quality.md", "quality.png"]
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert len(json.loads(paths[0].read_text())["runs"]) == 3
