@@ -1,11 +1,16 @@
 """``saltsegment``: the headless main job and the worker the Slicer module runs.
 
-    saltsegment train --image IMG --labels LABELS --out ADAPTER [--method ...] [--steps N] ...
+    saltsegment train --image IMG --labels LABELS [--image IMG2 --labels LABELS2 | --cases CSV] --out ADAPTER
+                      [--init PARENT] [--method ...] [--steps N] ...
     saltsegment propagate --image IMG --adapter ADAPTER --out SEG [--mode auto|box] [--range A:B]
+    saltsegment propagate --cases CSV --adapter ADAPTER --out FOLDER     (many volumes; summary.csv)
     saltsegment evaluate --pred SEG --ref SEG [--json]
     saltsegment demo [--out DIR]
     saltsegment models [--json] [--download ID]
-    saltsegment bench speed|quality [--out DIR]
+    saltsegment bench speed|quality|site [--out DIR]
+
+``train`` and ``propagate`` also run as ranks of ``torchrun --nproc-per-node N
+-m SALTSegmentLib.cli ...`` (see :mod:`distributed`).
 
 Errors print one line (and a hint) and exit 1 (``--debug`` shows the
 traceback); SIGTERM/SIGINT, or the file named by ``--stop-file`` appearing,
@@ -30,7 +35,7 @@ from typing import Optional, Sequence
 
 from .host.choices import DEFAULT_STEPS
 from .host.stop_request import StopRequest
-from .worker_protocol import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, emit
+from .worker_protocol import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, emit
 
 
 def _int_list(text: str) -> list[int]:
@@ -62,6 +67,12 @@ def _attach_negative_values(argv: Sequence[str]) -> list[str]:
         else:
             attached.append(item)
     return attached
+
+
+class UsageError(ValueError):
+    """A command line that names its inputs wrongly (argparse cannot say it: options that go together)."""
+
+    hint = "see 'saltsegment COMMAND --help'"
 
 
 def _positive_int(text: str) -> int:
@@ -121,20 +132,31 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     train = commands.add_parser("train", help="fine-tune an adapter on a few labelled slices")
-    train.add_argument("--image", required=True, help="volume: NIfTI, NRRD, MHA or a DICOM series folder")
-    train.add_argument("--labels", required=True, help="label map or Slicer .seg.nrrd on the image grid")
+    train.add_argument("--image", action="append",
+                       help="volume: NIfTI, NRRD, MHA or a DICOM series folder; repeat with --labels for more volumes")
+    train.add_argument("--labels", action="append", help="label map or Slicer .seg.nrrd on the image grid")
+    train.add_argument("--cases", metavar="CSV",
+                       help="more volumes: a CSV file with a header (image,labels[,slices]), one volume per line")
+    train.add_argument("--init", metavar="ADAPTER",
+                       help="continue this adapter (same base model and method): new volumes, new segments")
     train.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
-    train.add_argument("--method", choices=tuple(METHOD_SPECS), default="salt")
-    train.add_argument("--model", default="lite_medsam", help="base model id (see 'saltsegment models')")
-    train.add_argument("--rank", choices=RANK_PRESETS, default="default", help="rank preset")
+    train.add_argument("--method", choices=tuple(METHOD_SPECS), default=None,
+                       help="fine-tuning method (default: salt, or the --init adapter's)")
+    train.add_argument("--model", default=None,
+                       help="base model id (see 'saltsegment models'; default: lite_medsam, or the --init adapter's)")
+    train.add_argument("--rank", choices=RANK_PRESETS, default=None,
+                       help="rank preset (default: default, or the --init adapter's)")
     train.add_argument("--segments", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                        help="comma-separated segment names or label values (default: all)")
     train.add_argument("--slices", type=_int_list,
                        help="labelled slice numbers; default: every slice where a selected segment has voxels")
-    train.add_argument("--axis", choices=AXES, default="axial",
-                       help="slice plane: axial, coronal or sagittal (the anatomical plane, found from the "
-                            "image's direction matrix), or i, j, k (a voxel axis of the image as stored)")
-    train.add_argument("--intensity", default="auto", help="auto, mr, ct, a CT preset (lung, bone, ...) or L,W")
+    train.add_argument("--axis", choices=AXES, default=None,
+                       help="slice plane: axial (default, or the --init adapter's plane), coronal or sagittal (the "
+                            "anatomical plane, found from the image's direction matrix), or i, j, k (a voxel axis "
+                            "of the image as stored)")
+    train.add_argument("--intensity", default="auto",
+                       help="auto, mr, ct, a CT preset (lung, bone, ...) or L,W (with --init, auto keeps the "
+                            "parent's mapping)")
     train.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS)
     train.add_argument("--learning-rate", type=_positive_float, default=None)
     train.add_argument("--batch-size", type=_positive_int, default=None)
@@ -142,10 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int, default=25)
     common(train)
 
-    propagate = commands.add_parser("propagate", help="segment a volume with an adapter")
-    propagate.add_argument("--image", required=True)
+    propagate = commands.add_parser("propagate", help="segment a volume (or many) with an adapter")
+    propagate.add_argument("--image")
+    propagate.add_argument("--cases", metavar="CSV",
+                           help="many volumes: a CSV file with a header (image[,labels][,name]); --out is then a "
+                                "folder, and volumes whose output is complete are skipped (resume)")
     propagate.add_argument("--adapter", required=True)
-    propagate.add_argument("--out", required=True, help="label map to write (.seg.nrrd keeps names/colours)")
+    propagate.add_argument("--out", required=True,
+                           help="label map to write (.seg.nrrd keeps names/colours); with --cases, a folder")
     propagate.add_argument("--labels", help="the labels you drew: kept exactly, and seeds for --mode box")
     propagate.add_argument("--mode", choices=MODES,
                            help="box (default with --labels): your drawn slices interpolated, each structure's ends "
@@ -180,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     bench = commands.add_parser("bench", help="benchmarks: speed (ratios between methods) or few-shot quality")
-    bench.add_argument("kind", choices=("speed", "quality"))
+    bench.add_argument("kind", choices=("speed", "quality", "site"))
     bench.add_argument("--out", default="bench-output", help="folder for quality.json/.md/.png and speed.json")
     bench.add_argument("--repeats", type=_positive_int, default=5, help="speed: interleaved repetitions")
     bench.add_argument("--models", default="lite_medsam,sam_vit_b", help="speed: base models (random ViT weights)")
@@ -205,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="quality: skip the extra-slice experiment (suggested vs evenly chosen slice)")
     bench.add_argument("--merge", metavar="JSON[,JSON...]",
                        help="quality: run nothing; write one table and plot from earlier runs' quality.json files")
+    bench.add_argument("--site", metavar="DIR",
+                       help="site: patients of one site (scripts/make_site_set.py writes simulated ones)")
+    bench.add_argument("--left-out", help="site: comma-separated patients to leave out in turn (default: all)")
+    bench.add_argument("--site-slices", type=_positive_int, default=3,
+                       help="site: slices drawn per structure on each previous patient")
     bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     models = commands.add_parser("models", help="list base models, or download one")
@@ -218,26 +249,57 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- commands
 
-def _train(args, reporter, stop: StopRequest) -> int:
+def _train_cases(args):
+    """The volumes of ``train``: the --image/--labels pairs, then the --cases file's."""
+    from .case_list import read_case_list
+    from .pipeline import TrainCase
+
+    images, labels = args.image or [], args.labels or []
+    if len(images) != len(labels):
+        raise UsageError(f"give one --labels per --image ({len(images)} --image, {len(labels)} --labels)")
+    if not images and not args.cases:
+        raise UsageError("give --image and --labels, or --cases FILE")
+    cases = [TrainCase(image, label) for image, label in zip(images, labels)]
+    if args.cases:
+        cases += [TrainCase(e.image, e.labels, e.slices) for e in read_case_list(args.cases, labels_required=True)]
+    if args.slices is not None and len(cases) > 1:
+        raise UsageError("--slices applies to one volume; with several, put each volume's slices in the "
+                         "'slices' column of --cases")
+    return cases
+
+
+def _train(args, reporter, stop: StopRequest, distributed=None) -> int:
     from .adapters import preset_options
+    from .host.adapter_metadata import load_adapter_metadata
     from .pipeline import TrainJob, run_training
     from .training import TrainingConfig
 
-    config = TrainingConfig(method=args.method, method_options=preset_options(args.method, args.rank),
+    cases = _train_cases(args)
+    method, options = args.method or "salt", preset_options(args.method or "salt", args.rank or "default")
+    if args.init:  # a continued adapter keeps its parent's method and options unless told otherwise
+        parent = load_adapter_metadata(args.init)
+        method = args.method or parent.method
+        options = preset_options(method, args.rank) if args.rank else {}
+    config = TrainingConfig(method=method, method_options=options,
                             steps=args.steps, seed=args.seed, device=args.device, precision=args.precision,
                             checkpoint_every=args.checkpoint_every)
     if args.learning_rate is not None:
         config = replace(config, learning_rate=args.learning_rate)
     if args.batch_size is not None:
         config = replace(config, batch_size=args.batch_size)
-    job = TrainJob(image=args.image, labels=args.labels, out=args.out, model_id=args.model, weights=args.weights,
-                   segments=args.segments, slices=args.slices, axis=args.axis, intensity=args.intensity,
-                   resample_labels=args.resample_labels, config=config)
+    job = TrainJob(image=cases[0].image, labels=cases[0].labels, out=args.out, model_id=args.model,
+                   weights=args.weights, segments=args.segments, slices=args.slices or cases[0].slices,
+                   axis=args.axis, intensity=args.intensity, resample_labels=args.resample_labels, config=config,
+                   cases=cases[1:], init=args.init)
     # The progress bar starts once the inputs are checked, so a bad input prints only its error line.
     outcome = run_training(job, on_step=reporter.train_step, should_stop=stop,
                            on_checkpoint=reporter.checkpoint, on_message=reporter.message,
                            on_ready=lambda: reporter.start("train", args.steps, device=args.device,
-                                                           pid=os.getpid()))
+                                                           pid=os.getpid()),
+                           distributed=distributed)
+    if distributed is not None and not distributed.is_main:
+        reporter.finished(outcome.result.steps_done, outcome.result.interrupted)
+        return EXIT_INTERRUPTED if outcome.result.interrupted else EXIT_OK
     summary = dict(outcome.metadata.training,
                    memory_estimate_mib=outcome.memory_estimate.to_dict() if outcome.memory_estimate else None)
     if outcome.result.interrupted:
@@ -246,10 +308,14 @@ def _train(args, reporter, stop: StopRequest) -> int:
     return EXIT_INTERRUPTED if outcome.result.interrupted else EXIT_OK
 
 
-def _propagate(args, reporter, stop: StopRequest) -> int:
+def _propagate(args, reporter, stop: StopRequest, distributed=None) -> int:
     from .pipeline import PropagateJob, run_propagation
     from .propagation import PropagationConfig
 
+    if args.cases:
+        return _propagate_cases(args, reporter, stop, distributed)
+    if not args.image:
+        raise UsageError("give --image (one volume) or --cases FILE (many)")
     mode = args.mode or ("box" if args.labels else "auto")
     config = PropagationConfig(mode=mode, slice_range=args.slice_range, threshold=args.threshold,
                                cleanup=not args.no_cleanup, device=args.device, precision=args.precision)
@@ -279,6 +345,38 @@ def _propagate(args, reporter, stop: StopRequest) -> int:
                                               "drawn_label": k.drawn_label} for k in outcome.kept_segments],
                      "memory_estimate_mib": outcome.memory_estimate.to_dict() if outcome.memory_estimate else None})
     return EXIT_OK
+
+
+def _propagate_cases(args, reporter, stop: StopRequest, distributed=None) -> int:
+    """``propagate --cases``: every volume of the list into ``--out`` (a folder), shared out across ranks."""
+    from .batch_propagation import BatchJob, run_batch_propagation
+    from .case_list import read_case_list
+    from .propagation import PropagationConfig
+
+    if args.image or args.labels:
+        raise UsageError("with --cases, give each volume's image and labels in the CSV file, not --image/--labels")
+    config = PropagationConfig(mode=args.mode or "box", slice_range=args.slice_range, threshold=args.threshold,
+                               cleanup=not args.no_cleanup, device=args.device, precision=args.precision)
+    job = BatchJob(cases=read_case_list(args.cases), adapter=args.adapter, folder=args.out, weights=args.weights,
+                   resample_labels=args.resample_labels, match_by=args.match_by, config=config,
+                   mode_given=args.mode is not None)
+    main = distributed is None or distributed.is_main
+    summary = run_batch_propagation(
+        job, distributed=distributed, should_stop=stop, on_message=reporter.message,
+        on_ready=lambda total: reporter.start("propagate", total, device=args.device, pid=os.getpid()),
+        on_volume=reporter.slices)
+    if not main:
+        return summary.exit_code
+    for line in summary.table().splitlines():
+        reporter.message(line)
+    if summary.exit_code == EXIT_OK:
+        reporter.result({"folder": str(summary.folder), "summary": str(summary.summary_path)}, summary.to_dict())
+    elif summary.exit_code == EXIT_INTERRUPTED:
+        reporter.error(f"stopped: {summary.describe()}; complete outputs are kept, rerun to finish", None)
+    else:
+        reporter.error(f"{summary.describe()}; see {summary.summary_path}",
+                       "the summary names each failed volume and its error; rerun to retry them")
+    return summary.exit_code
 
 
 def _evaluate(args) -> int:
@@ -361,6 +459,20 @@ def _bench(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    if args.kind == "site":
+        from .bench import site
+
+        if not args.site:
+            raise UsageError("bench site needs --site DIR (patients of one site; scripts/make_site_set.py)")
+        patients = cases.development_cases(args.site)
+        left_out = [n.strip() for n in args.left_out.split(",")] if args.left_out else None
+        results = site.bench_site(patients, left_out, steps=args.steps, site_slices=args.site_slices,
+                                  seed=args.seeds[0], folder=out / "site-adapters", say=say,
+                                  on_update=lambda so_far: site.write_site_outputs(so_far, out))
+        paths = site.write_site_outputs(results, out)
+        print(site.site_table(results))
+        print("wrote " + ", ".join(str(p) for p in paths))
+        return EXIT_OK
     if args.kind == "speed":
         results = speed.bench_speed(tuple(args.models.split(",")), args.repeats, say, args.vit_input_size)
         with atomic_path(out / "speed.json") as temporary:
@@ -453,6 +565,16 @@ def _message(error: BaseException) -> str:
     return text[0] if text else type(error).__name__
 
 
+def _join_torchrun(args):
+    """This process's rank when torchrun started it (process group joined), else None."""
+    from .distributed import Distributed
+
+    distributed = Distributed.from_environment(args.device)
+    if distributed is not None:
+        distributed.start()
+    return distributed
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .allocator import return_large_blocks_to_the_system
     from .pipeline import JobStopped
@@ -464,11 +586,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     reporter = make_reporter(getattr(args, "progress", "bar"))
     stop = StopRequest(getattr(args, "stop_file", None))
     stop.install()
+    distributed, code = None, EXIT_ERROR
     try:
+        if args.command in ("train", "propagate"):
+            distributed = _join_torchrun(args)
+            if distributed is not None and not distributed.is_main:  # progress and results come from rank 0 only
+                from .progress import RankReporter
+
+                reporter = RankReporter(distributed.rank)
         if args.command == "train":
-            return _train(args, reporter, stop)
+            code = _train(args, reporter, stop, distributed)
+            return code
         if args.command == "propagate":
-            return _propagate(args, reporter, stop)
+            code = _propagate(args, reporter, stop, distributed)
+            return code
         if args.command == "evaluate":
             return _evaluate(args)
         if args.command == "models":
@@ -479,9 +610,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         reporter.error("interrupted", None)
         return EXIT_INTERRUPTED
+    except UsageError as error:
+        reporter.error(str(error), error.hint)
+        return EXIT_USAGE
     except JobStopped as stopped:  # stopped before anything worth keeping: nothing was written
         reporter.error(str(stopped), None)
-        return EXIT_INTERRUPTED
+        code = EXIT_INTERRUPTED  # every rank stops at the same point: they can leave together
+        return code
     except Exception as error:  # the one place errors become one line for the user
         if args.debug:
             traceback.print_exc()
@@ -489,6 +624,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_ERROR
     finally:
         reporter.close()
+        if distributed is not None:
+            distributed.close(together=code in (EXIT_OK, EXIT_INTERRUPTED))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from . import preprocessing as pp
 from .adapters import apply_method, encoder_is_frozen, method_spec
 from .augmentation import AugmentationConfig, augment
 from .devices import autocast, autocast_dtype, resolve_device
+from .label_layers import value_mask
 from .losses import dice_bce_loss
 from .models import PromptableSegmenter
 from .host.choices import DEFAULT_STEPS
@@ -341,8 +342,8 @@ class FewShotTrainer:
             image = pp.rescale_slice(pp.take_slice(volume01, case.axis, index))
             labels = pp.take_slice(case.labels, case.axis, index)
             images.append(pp.slice_to_input(image, geometry))
-            masks.append(torch.stack([pp.mask_to_input(labels == by_name[s.name], geometry) if s.name in by_name
-                                      else torch.zeros(geometry.input_size, geometry.input_size)
+            masks.append(torch.stack([pp.mask_to_input(value_mask(labels, by_name[s.name], 2), geometry)
+                                      if s.name in by_name else torch.zeros(geometry.input_size, geometry.input_size)
                                       for s in self.segments]))
         return torch.stack(images), torch.stack(masks)
 
