@@ -144,6 +144,7 @@ class SALTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.saveAdapterButton.clicked.connect(self.onSaveAdapter)
         self.ui.loadAdapterButton.clicked.connect(self.onImportAdapter)
         self.ui.deleteAdapterButton.clicked.connect(self.onDeleteAdapter)
+        self.ui.continueAdapterButton.clicked.connect(self.onContinueTraining)
         self.ui.refreshAdaptersButton.clicked.connect(self.refreshAdapterTable)
         self.ui.evaluateButton.clicked.connect(self.onEvaluate)
 
@@ -324,6 +325,8 @@ class SALTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         haveInputs = volumeNode is not None and segmentationNode is not None
         self.ui.fineTuneButton.enabled = kind == "train" or (kind is None and haveInputs
                                                              and bool(self.checkedSegmentIds()))
+        # The running training is cancelled with the fine-tune button, which shows Cancel meanwhile.
+        self.ui.continueAdapterButton.enabled = kind is None and haveInputs and bool(self.checkedSegmentIds())
         adapter, problem = self.logic.adapterSummary(volumeNode)
         self.ui.currentAdapterLabel.text = adapter
         self.ui.adapterAxisLabel.text = problem or self.logic.propagationAxisText(
@@ -479,6 +482,21 @@ class SALTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.startJob(self.logic.startTraining(
                 self.ui.inputVolumeSelector.currentNode(), self.ui.segmentationSelector.currentNode(),
                 self.checkedSegmentIds(), self.trainingOptions(),
+                onProgress=self.onWorkerProgress, onFinished=self.onTrainingFinished))
+
+    def onContinueTraining(self):
+        """Continue the selected library adapter on this volume's drawn slices (the site's next patient)."""
+        path = self.selectedLibraryAdapter()
+        if not path:
+            slicer.util.warningDisplay("Select an adapter of the library to continue.")
+            return
+        with slicer.util.tryWithErrorDisplay("Could not start training.", waitCursor=True):
+            if not self.ensureDependencies():
+                return
+            self.lossPlot.clear()
+            self.startJob(self.logic.startTraining(
+                self.ui.inputVolumeSelector.currentNode(), self.ui.segmentationSelector.currentNode(),
+                self.checkedSegmentIds(), dict(self.trainingOptions(), init=path),
                 onProgress=self.onWorkerProgress, onFinished=self.onTrainingFinished))
 
     def onTrainingFinished(self, outcome):
@@ -952,8 +970,13 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
         if volumeNode is None or segmentationNode is None or not segmentIds:
             raise ValueError("Select a volume, a segmentation and at least one segment")
         slicer_bridge.ensure_converter_rules()
+        parent = options.get("init")  # continue this adapter: its plane (and method, model, rank) are kept
         plane = options.get("axis", "axial")
-        arrayAxis = slicer_bridge.volume_array_axis(volumeNode, plane)  # the CLI resolves the plane the same way
+        if parent:
+            metadata = self.adapterMetadata(parent)
+            arrayAxis = slicer_bridge.adapter_array_axis(volumeNode, metadata.axis, metadata.plane)
+        else:
+            arrayAxis = slicer_bridge.volume_array_axis(volumeNode, plane)  # the CLI resolves the plane the same way
         folder = self.newRunFolder("train")
         image, labels = os.path.join(folder, "image.nrrd"), os.path.join(folder, "labels.seg.nrrd")
         with self.removedOnError(folder):
@@ -968,7 +991,7 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
                                   model=options.get("model"), weights=options.get("weights"),
                                   axis=plane, steps=options.get("steps"),
                                   device=options.get("device", "auto"), rank=options.get("rank"),
-                                  stop_file=os.path.join(folder, "stop"))
+                                  stop_file=os.path.join(folder, "stop"), init=parent or None)
 
         def finished(outcome):
             path = outcome.outputs.get("adapter", adapter)
@@ -1150,7 +1173,8 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
                 metadata = self.adapterMetadata(path)
                 entry.update(base_model=metadata.base_model, method=metadata.method, created=metadata.created,
                              axis=metadata.plane or metadata.axis, segment_names=metadata.segment_names,
-                             details="\n".join(f"{k}: {v}" for k, v in metadata.training.items()) or path)
+                             details="\n".join([metadata.history()]
+                                                + [f"{k}: {v}" for k, v in metadata.training.items()]))
             except (AdapterFileError, OSError) as error:  # an unreadable file stays listed, with the reason
                 entry["details"] = f"not usable: {error}"
             entries.append(entry)

@@ -213,6 +213,31 @@ def test_training_keeps_only_the_adapter_and_a_cancelled_run_nothing_else(module
     assert sorted(os.listdir(slicer.app.temporaryPath)) == [os.path.basename(folder)]  # no folder left behind
 
 
+def test_continue_training_an_adapter_of_the_library_on_this_volume(module, thalamus_crop, adapter):
+    """"Continue training": the library adapter's method and plane win over the panel's; the lineage is kept."""
+    from SALTSegmentLib.host.adapter_metadata import file_sha256
+
+    volume, segmentation = _load(slicer.mrmlScene, thalamus_crop)
+    logic = module.SALTSegmentLogic()
+    parent = logic.addToLibrary(str(adapter), "site")
+    worker = logic.startTraining(volume, segmentation, bridge.segment_ids(segmentation),
+                                 {"method": "salt", "axis": "coronal", "steps": 1, "device": "cpu", "init": parent})
+    command = worker.command
+    assert command[command.index("--init") + 1] == parent
+    assert "--method" not in command and "--axis" not in command
+    labels, _, _ = read_label_map(command[command.index("--labels") + 1])
+    assert occupied_slices(labels, 0) == [2, 6]        # drawn slices taken along the adapter's axial plane
+    outcome = _run(worker)
+    assert outcome.status == "ok", outcome.message
+    metadata = logic.adapterMetadata(logic.currentAdapter)
+    assert metadata.method == "lora" and metadata.plane == "axial"
+    assert metadata.lineage["parent_sha256"] == file_sha256(parent) and metadata.cases[-1]["labelled_slices"] == [2, 6]
+    logic.addToLibrary(logic.currentAdapter, "site-2")
+    entries = {entry["name"]: entry for entry in logic.listAdapters()}
+    assert entries["site-2"]["details"].startswith("learned from 1 volume (image.nrrd); generation 1, continues ")
+    assert entries["site"]["details"].startswith("volumes not recorded")
+
+
 def test_library_models_dependencies_and_panel_state(module, tmp_path, adapter):
     logic = module.SALTSegmentLogic()
     (Path(logic.adapterFolder()) / "broken.safetensors").write_bytes(b"\x00" * 64)

@@ -36,6 +36,15 @@ def test_train_command_leaves_defaults_to_the_cli():
     assert args[args.index("--stop-file") + 1] == "/run/stop"
 
 
+def test_a_continued_training_leaves_the_parents_choices_to_the_cli():
+    """The CLI refuses a method, model or plane that differs from the parent's: the panel's are not sent."""
+    args = wp.TrainCommand(image="i", labels="l", out="o", init="/lib/site.safetensors", method="lora",
+                           model="sam_vit_b", axis="coronal", rank="large", steps=5).arguments()
+    assert args[args.index("--init") + 1] == "/lib/site.safetensors"
+    assert not {"--method", "--model", "--axis", "--rank"} & set(args)
+    assert args[args.index("--steps") + 1] == "5"
+
+
 @pytest.mark.parametrize("change", [{"method": "dora"}, {"device": "tpu"}, {"axis": "oblique"},
                                     {"segments": ["a,b"]}, {"rank": "paper"}])
 def test_train_settings_are_checked(change):

@@ -41,7 +41,12 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 
 @dataclass
 class TrainCommand:
-    """``saltsegment train``: fine-tune an adapter on the labelled slices of one volume."""
+    """``saltsegment train``: fine-tune an adapter on the labelled slices of one volume.
+
+    With ``init`` (an adapter file) it continues that adapter: the CLI takes
+    the parent's base model, method, rank and plane, so those choices are
+    left out of the command rather than risk a refusal for a panel setting.
+    """
 
     image: str
     labels: str
@@ -56,6 +61,7 @@ class TrainCommand:
     device: str = "auto"
     rank: str | None = None     # a rank preset name; None keeps the method's default
     stop_file: str | None = None
+    init: str | None = None     # an adapter to continue
 
     def arguments(self) -> list[str]:
         _check_choice("method", self.method, METHODS)
@@ -65,12 +71,14 @@ class TrainCommand:
             _check_choice("rank preset", self.rank, RANK_PRESETS)
         if any("," in name for name in self.segments):
             raise ValueError("Segment names used for training cannot contain commas")
-        return (["train", "--image", str(self.image), "--labels", str(self.labels), "--out", str(self.out),
-                 "--method", self.method]
-                + _option("--model", self.model) + _option("--weights", self.weights)
+        inherited = self.init is not None   # the parent's method, model, plane and rank
+        return (["train", "--image", str(self.image), "--labels", str(self.labels), "--out", str(self.out)]
+                + (["--init", str(self.init)] if inherited else ["--method", self.method] + _option("--model", self.model))
+                + _option("--weights", self.weights)
                 + (["--segments", ",".join(self.segments)] if self.segments else [])
                 + (["--slices", ",".join(str(int(i)) for i in self.slices)] if self.slices else [])
-                + ["--axis", self.axis] + _option("--steps", self.steps) + _option("--rank", self.rank)
+                + ([] if inherited else ["--axis", self.axis]) + _option("--steps", self.steps)
+                + ([] if inherited else _option("--rank", self.rank))
                 + ["--device", self.device] + _option("--stop-file", self.stop_file) + ["--progress", "json"])
 
 
