@@ -115,7 +115,7 @@ def test_slicer_multi_layer_file_is_read_with_names_colours_and_values(layered_c
 def test_written_layers_load_in_slicer_with_overlaps_intact(layered_case, tmp_path):
     geometry, reference = layered_case["geometry"], layered_case["reference"]
     segments = [Segment(3, "Thalamus_L", COLORS["Thalamus_L"]), Segment(7, "Lesion", COLORS["Lesion"])]
-    labels, placed = stack_in_layers(list(reference.values()), segments)
+    labels, placed = stack_in_layers(reference.values(), segments, geometry.size[::-1])
     assert labels.ndim == 4 and [s.layer for s in placed] == [0, 1]
     path = write_label_map(tmp_path / "out.seg.nrrd", labels, geometry, placed)
     assert b"kinds: list domain domain domain" in path.read_bytes()[:400]
@@ -132,7 +132,7 @@ def test_written_layers_load_in_slicer_with_overlaps_intact(layered_case, tmp_pa
 def test_segments_that_do_not_overlap_stay_one_layer():
     a, b = np.zeros((2, 3, 3), bool), np.zeros((2, 3, 3), bool)
     a[0], b[1] = True, True
-    labels, placed = stack_in_layers([a, b], [Segment(1, "a"), Segment(2, "b")])
+    labels, placed = stack_in_layers([a, b], [Segment(1, "a"), Segment(2, "b")], (2, 3, 3))
     assert labels.shape == (2, 3, 3) and [s.layer for s in placed] == [0, 0]
 
 
@@ -186,6 +186,8 @@ def test_propagation_writes_overlapping_drawn_segments_back_as_layers(layered_ca
         mask = segment_mask(labels, segment)
         assert np.array_equal(mask[DRAWN], layered_case["drawn"][segment.name][DRAWN]), segment.name
         assert np.allclose(segment.color, COLORS[segment.name])
+    thalamus, lesion = (segment_mask(labels, segment) for segment in segments)
+    assert (thalamus & lesion)[3:5].sum() > 0       # propagated slices keep the overlap too
     layers, found = _read_with_slicer(out, geometry)     # Slicer loads it, overlap included
     assert layers == 2
     assert (found["Thalamus_L"][1][DRAWN] & found["Lesion"][1][DRAWN]).sum() == \
@@ -245,3 +247,22 @@ def test_a_value_a_layer_does_not_list_is_reported(tmp_path):
     assert segment_mask(labels, segments[0]).sum() == 20       # a is layer 0's voxels only
     unlisted = unlisted_label_values(labels, segments)
     assert unlisted[5] == 2 and sum(unlisted.values()) == 5
+
+
+def test_the_slicer_panel_exports_overlapping_segments_as_layers(layered_case, tmp_path):
+    geometry, drawn = layered_case["geometry"], layered_case["drawn"]
+    bridge.ensure_converter_rules()
+    scene = slicer.vtkMRMLScene()
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    bridge.update_volume_from_array(volume, np.zeros(geometry.size[::-1], np.int16),
+                                    bridge.ijk_to_ras_from_geometry(geometry))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(layered_case["drawn_path"]))
+    assert storage.ReadData(segmentation)
+    exported = bridge.export_label_map_file(segmentation, volume, None, tmp_path / "drawn.seg.nrrd", 0)
+    assert exported.array.ndim == 4 and exported.geometry.differences(geometry) == []
+    labels, _, segments = read_label_map(tmp_path / "drawn.seg.nrrd")
+    for segment in segments:
+        assert np.array_equal(segment_mask(labels, segment), drawn[segment.name]), segment.name
+    scene.Clear(1)

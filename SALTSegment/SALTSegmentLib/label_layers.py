@@ -10,15 +10,17 @@ Slicing (``preprocessing.take_slice``, ``slices.occupied_slices``) reads the
 last three axes as the grid, so a layered map slices like a plain one with
 its layers in front.
 
-Box propagation seeds from one label per voxel (:func:`flatten_layers`); the
-output takes the drawn slices back segment by segment and goes into layers
-only where segments overlap (:func:`stack_in_layers`).
+Box propagation starts each segment from its own drawn voxels and keeps its
+own prediction; what needs one label per voxel (interpolation mode, the
+quality estimate) reads :func:`flatten_layers`. The output takes the drawn
+slices back segment by segment and goes into layers only where segments
+overlap (:func:`stack_in_layers`).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -62,51 +64,54 @@ def flatten_layers(labels: Optional[np.ndarray], segments: Sequence[Segment]) ->
     return flat
 
 
-def stack_in_layers(masks: Sequence[np.ndarray], segments: Sequence[Segment]
+def stack_in_layers(masks: Iterable[np.ndarray], segments: Sequence[Segment], shape: Sequence[int]
                     ) -> tuple[np.ndarray, list[Segment]]:
-    """Segments' masks as a label map, with a new layer only where a segment overlaps every layer so far.
+    """Segments' (z, y, x) masks as a label map, with a new layer only where a segment overlaps every layer so far.
 
     Returns (z, y, x) labels when no two segments overlap (as a plain label
     map), else (layers, z, y, x); each segment comes back with its layer.
+    ``masks`` may be a generator: one mask is held at a time.
     """
-    if len(masks) != len(segments):
-        raise ValueError(f"{len(masks)} masks for {len(segments)} segments")
-    shape = spatial_shape(masks[0]) if masks else (0, 0, 0)
     dtype = np.uint16 if max((s.label for s in segments), default=0) > 255 else np.uint8
     layers: list[np.ndarray] = []
     placed = []
-    for mask, segment in zip(masks, segments):
+    for mask, segment in zip(masks, segments, strict=True):
         mask = np.asarray(mask, dtype=bool)
         layer = next((i for i, existing in enumerate(layers) if not (existing[mask] != 0).any()), None)
         if layer is None:
-            layers.append(np.zeros(shape, dtype=dtype))
+            layers.append(np.zeros(tuple(shape), dtype=dtype))
             layer = len(layers) - 1
         layers[layer][mask] = segment.label
         placed.append(replace(segment, layer=layer))
     if len(layers) <= 1:
-        return (layers[0] if layers else np.zeros(shape, dtype=dtype)), placed
+        return (layers[0] if layers else np.zeros(tuple(shape), dtype=dtype)), placed
     return np.stack(layers), placed
 
 
 def layers_with_drawn_slices(predicted: np.ndarray, segments: Sequence[Segment], drawn: np.ndarray,
                              slices: Sequence[int], axis: str | int,
+                             predicted_masks: Optional[Sequence[Optional[np.ndarray]]] = None,
                              kept: Sequence[tuple[Segment, np.ndarray]] = ()) -> tuple[np.ndarray, list[Segment]]:
     """The output of a propagation seeded from overlapping segments, in layers where they still overlap.
 
-    Each of ``segments`` is ``predicted`` (z, y, x, one label per voxel)
-    except on the drawn ``slices``, where it is exactly its own voxels in
-    ``drawn`` (layered, in the same label values), so two drawn segments keep
-    their overlap. ``kept`` (segment, mask) pairs are drawn segments that pass
-    through unchanged.
+    Each of ``segments`` is its own predicted mask (``predicted_masks[i]``,
+    which box mode gives before overlaps are resolved), else its voxels in
+    ``predicted`` (z, y, x); on the drawn ``slices`` it is exactly its own
+    voxels in ``drawn`` (layered, in the same label values), so two drawn
+    segments keep their overlap. ``kept`` (segment, mask) pairs are drawn
+    segments that pass through unchanged.
     """
     selector: list = [slice(None)] * 3
     selector[array_axis(axis)] = list(slices)
     chosen = tuple(selector)
-    masks = []
-    for segment in segments:
-        mask = np.asarray(predicted) == segment.label
-        if len(slices):
-            mask[chosen] = segment_mask(drawn, segment)[chosen]
-        masks.append(mask)
-    masks.extend(mask for _, mask in kept)
-    return stack_in_layers(masks, [*segments, *(segment for segment, _ in kept)])
+
+    def masks() -> Iterator[np.ndarray]:
+        for index, segment in enumerate(segments):
+            own = predicted_masks[index] if predicted_masks is not None else None
+            mask = np.array(own, dtype=bool) if own is not None else np.asarray(predicted) == segment.label
+            if len(slices):
+                mask[chosen] = segment_mask(drawn, segment)[chosen]
+            yield mask
+        yield from (mask for _, mask in kept)
+
+    return stack_in_layers(masks(), [*segments, *(segment for segment, _ in kept)], np.shape(predicted))

@@ -26,7 +26,7 @@ from .preflight import (MemoryEstimate, check_adapter_suffix, check_label_map_su
                         check_output_is_not_an_input, check_output_path, propagation_memory, training_memory)
 from .adapters import merge_adapters
 from .adapter_file import AdapterMetadata, LoadedAdapter, load_adapter, load_adapter_metadata, save_adapter
-from .label_layers import flatten_layers, is_layered, layers_with_drawn_slices, value_mask
+from .label_layers import is_layered, layers_with_drawn_slices, value_mask
 from .metrics import EvaluationReport, evaluate_label_maps
 from .models import WeightsError, get_spec, load_model
 from .propagation import (MODES_NEEDING_LABELS, PropagationConfig, PropagationInputError, PropagationProgress,
@@ -577,15 +577,14 @@ def _propagate_locked(job: PropagateJob, out: Path, loaded, on_progress, should_
         merge_adapters(loaded.model)  # plain weights again: propagation pays nothing for the adapter
     propagator = VolumePropagator(loaded.model, loaded.prompts, segments, metadata.intensity_mapping,
                                   axis, job.config)
-    seeds = flatten_layers(user_labels, segments)   # one label per voxel; the drawn overlaps return below
-    result = propagator.run(image, geometry.spacing, seeds, labelled, on_progress, should_stop)
+    result = propagator.run(image, geometry.spacing, user_labels, labelled, on_progress, should_stop)
     if not result.interrupted and should_stop is not None and should_stop():
         result.interrupted = True  # a stop during the last slices or the clean-up: still write nothing
     written = segments + [k.segment for k in kept]
     if not result.interrupted:
         if is_layered(drawn):
             result.labels, written = layers_with_drawn_slices(
-                result.labels, segments, user_labels, labelled, axis,
+                result.labels, segments, user_labels, labelled, axis, result.segment_masks,
                 [(k.segment, value_mask(drawn, k.drawn_label)) for k in kept])
         else:
             result.labels = add_kept_segments(result.labels, drawn, kept)

@@ -38,6 +38,7 @@ from .devices import autocast, autocast_dtype, resolve_device
 from .extent import ExtentRule, SegmentExtent
 from .host.choices import PROPAGATION_MODES
 from .interpolation import fill_between_slices
+from .label_layers import flatten_layers, segment_mask, spatial_shape
 from .models import PromptableSegmenter
 from .prompts import SegmentPrompts
 from .slices import array_axis, check_slice_range, put_back_slices
@@ -84,6 +85,7 @@ class PropagationResult:
     extents: list[SegmentExtent] = field(default_factory=list)
     estimate: Optional[QualityEstimate] = None
     suggestions: list[SliceSuggestion] = field(default_factory=list)
+    segment_masks: Optional[list[Optional[np.ndarray]]] = None   # box mode: each segment's voxels, overlaps kept
 
 
 class VolumePropagator:
@@ -145,10 +147,15 @@ class VolumePropagator:
             user_labels: Optional[np.ndarray] = None, labelled_slices: Optional[list[int]] = None,
             on_progress: Optional[Callable[[PropagationProgress], None]] = None,
             should_stop: Optional[Callable[[], bool]] = None) -> PropagationResult:
-        """Segment ``image`` (z, y, x). ``user_labels`` + ``labelled_slices`` are what the user drew."""
+        """Segment ``image`` (z, y, x). ``user_labels`` + ``labelled_slices`` are what the user drew.
+
+        ``user_labels`` may hold layers (overlapping segments, see :mod:`label_layers`):
+        box mode then starts each segment from its own drawn voxels.
+        """
         start = time.perf_counter()
-        if user_labels is not None and user_labels.shape != image.shape:
+        if user_labels is not None and spatial_shape(user_labels) != image.shape:
             raise PropagationInputError(f"Labels shape {user_labels.shape} differs from image shape {image.shape}")
+        flat = flatten_layers(user_labels, self.segments)   # one label per voxel where drawn segments overlap
         labelled = sorted(set(labelled_slices or []))
         if self.config.mode in MODES_NEEDING_LABELS and (user_labels is None or not labelled):
             raise PropagationInputError(
@@ -163,9 +170,10 @@ class VolumePropagator:
         values = [s.label for s in self.segments]
         extents: list[SegmentExtent] = []
         estimate, suggestions = None, []
+        masks: Optional[list[Optional[np.ndarray]]] = None
         interrupted = False
         if self.config.mode == "interpolate":
-            drawn = np.where(np.isin(user_labels, values), user_labels, 0)
+            drawn = np.where(np.isin(flat, values), flat, 0)
             labels = fill_between_slices(drawn, self.axis).astype(np.uint16)
             report(1, 1)
         else:
@@ -176,17 +184,20 @@ class VolumePropagator:
                 labels, interrupted = self._run_auto(volume01, indices, geometry, report, should_stop)
             else:
                 try:
-                    labels, extents, estimate, suggestions = self._run_box(
+                    labels, extents, estimate, suggestions, masks = self._run_box(
                         volume01, geometry, user_labels, labelled, indices, spacing, report, should_stop)
                 except PropagationStopped:
                     labels, interrupted = np.zeros(image.shape, np.uint16), True
         outside = np.ones(pp.slice_count(image.shape, self.axis), dtype=bool)
         outside[indices] = False
         labels[_along(outside, self.axis)] = 0
+        for mask in masks or []:
+            if mask is not None:
+                mask[_along(outside, self.axis)] = False
         if user_labels is not None:
-            put_back_slices(labels, user_labels, labelled, self.axis, values)
+            put_back_slices(labels, flat, labelled, self.axis, values)
         return PropagationResult(labels, indices, time.perf_counter() - start, interrupted, extents, estimate,
-                                 suggestions)
+                                 suggestions, masks)
 
     # ------------------------------------------------------------------ auto
     def _run_auto(self, volume01, indices, geometry, report, should_stop) -> tuple[np.ndarray, bool]:
@@ -214,21 +225,23 @@ class VolumePropagator:
 
     # ------------------------------------------------------------------ box
     def _run_box(self, volume01, geometry, user_labels, labelled, indices, spacing, report, should_stop
-                 ) -> tuple[np.ndarray, list[SegmentExtent], Optional[QualityEstimate], list[SliceSuggestion]]:
+                 ) -> tuple[np.ndarray, list[SegmentExtent], Optional[QualityEstimate], list[SliceSuggestion],
+                            list[Optional[np.ndarray]]]:
         run = BoxPropagation(self, volume01, geometry, spacing, indices, should_stop)
         steps = len(self.segments) * (2 if self.config.estimate else 1)
         results = []
         for k, segment in enumerate(self.segments):
-            results.append(run.segment(k, segment.name, user_labels == segment.label, labelled))
+            results.append(run.segment(k, segment.name, segment_mask(user_labels, segment), labelled))
             report(k + 1, steps)
         estimate, suggestions = None, []
         if self.config.estimate:
-            estimate = leave_one_out(run, self.segments, user_labels, labelled, results)
-            suggestions = suggest_next_slices(self.segments, user_labels, labelled, results, self.axis)
+            flat = flatten_layers(user_labels, self.segments)
+            estimate = leave_one_out(run, self.segments, flat, labelled, results)
+            suggestions = suggest_next_slices(self.segments, flat, labelled, results, self.axis)
             report(steps, steps)
-        labels = compose_label_map([None if r is None else r.mask for r in results],
-                                   [s.label for s in self.segments], volume01.shape)
-        return labels, [r.extent for r in results if r is not None], estimate, suggestions
+        masks = [None if r is None else r.mask for r in results]
+        labels = compose_label_map(masks, [s.label for s in self.segments], volume01.shape)
+        return labels, [r.extent for r in results if r is not None], estimate, suggestions, masks
 
 
 def _along(per_slice: np.ndarray, axis: str) -> tuple:

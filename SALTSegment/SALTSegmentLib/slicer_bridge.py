@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import slicer
@@ -31,9 +31,9 @@ import vtk
 from vtk.util import numpy_support
 
 from .host.drawn_slices import RECORD_TAG, PredictionRecord, drawn_slices, grid_key, record_prediction
+from .label_layers import segment_mask as label_map_segment_mask, spatial_shape, stack_in_layers
 from .slices import (adapter_axis_in, array_axis, occupied_slices, put_back_slices, resolve_axis, voxel_axis,
                      voxel_axis_plane)
-from .label_layers import segment_mask as label_map_segment_mask, spatial_shape
 from .volume_io import Segment, VolumeGeometry, read_label_map, write_image, write_label_map
 
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -231,17 +231,20 @@ class LabelMapExport:
 
     @property
     def geometry(self) -> VolumeGeometry:
-        return geometry_from_ijk_to_ras(self.ijk_to_ras, self.array.shape[::-1])
+        return geometry_from_ijk_to_ras(self.ijk_to_ras, spatial_shape(self.array)[::-1])
 
 
 def segmentation_to_label_map(segmentation_node, reference_volume_node,
                               selected_ids: Iterable[str] | None = None,
-                              drawn_only_axis: int | None = None) -> LabelMapExport:
-    """Label map (z, y, x, uint16) of the selected segments on the reference volume's grid.
+                              drawn_only_axis: int | None = None,
+                              overlaps_as_layers: bool = False) -> LabelMapExport:
+    """Label map (z, y, x) of the selected segments on the reference volume's grid.
 
     Labels are 1..N in the order of ``selected_ids`` (all segments when None);
-    where segments overlap, the later one wins. The segmentation's own
-    geometry may differ from the volume's: each segment is resampled. With
+    where segments overlap, the later one wins, or, with ``overlaps_as_layers``,
+    the map is (layers, z, y, x) as Slicer saves it (see :mod:`label_layers`)
+    and each segment keeps its voxels. The segmentation's own geometry may
+    differ from the volume's: each segment is resampled. With
     ``drawn_only_axis``, each segment keeps only its slices along that array
     axis that hold drawing (an earlier prediction left untouched is not a label).
     """
@@ -250,21 +253,29 @@ def segmentation_to_label_map(segmentation_node, reference_volume_node,
     ids = list(segment_ids(segmentation_node) if selected_ids is None else selected_ids)
     ijk_to_ras = volume_ijk_to_ras(reference_volume_node)
     nx, ny, nz = reference_volume_node.GetImageData().GetDimensions()
-    array = np.zeros((nz, ny, nx), dtype=np.uint16)
+    shape = (nz, ny, nx)
     segments = []
     segmentation = segmentation_node.GetSegmentation()
     for label, segment_id in enumerate(ids, start=1):
         segment = segmentation.GetSegment(segment_id)
         if segment is None:
             raise BridgeError(f"Segment '{segment_id}' is not in '{segmentation_node.GetName()}'")
-        if drawn_only_axis is None:
-            mask = segment_mask(segmentation_node, segment_id, array.shape, ijk_to_ras)
-        else:
-            mask, drawn = segment_drawn_slices(segmentation_node, segment_id, array.shape, ijk_to_ras,
-                                               drawn_only_axis)
-            mask = put_back_slices(np.zeros_like(mask), mask, drawn, drawn_only_axis)
-        array[mask != 0] = label
         segments.append(Segment(label=label, name=segment.GetName(), color=tuple(segment.GetColor())))
+
+    def masks() -> Iterator[np.ndarray]:
+        for segment_id in ids:
+            if drawn_only_axis is None:
+                yield segment_mask(segmentation_node, segment_id, shape, ijk_to_ras) != 0
+            else:
+                mask, drawn = segment_drawn_slices(segmentation_node, segment_id, shape, ijk_to_ras, drawn_only_axis)
+                yield put_back_slices(np.zeros_like(mask), mask, drawn, drawn_only_axis) != 0
+
+    if overlaps_as_layers:
+        array, segments = stack_in_layers(masks(), segments, shape)
+    else:
+        array = np.zeros(shape, dtype=np.uint16)
+        for mask, segment in zip(masks(), segments):
+            array[mask] = segment.label
     return LabelMapExport(array, ijk_to_ras, segments, ids)
 
 
@@ -419,8 +430,9 @@ def export_volume_file(volume_node, path: str | os.PathLike) -> VolumeGeometry:
 
 def export_label_map_file(segmentation_node, reference_volume_node, selected_ids: Iterable[str] | None,
                           path: str | os.PathLike, drawn_only_axis: int | None = None) -> LabelMapExport:
-    """Write the selected segments as a ``.seg.nrrd`` (names, colours) on the volume's grid."""
-    exported = segmentation_to_label_map(segmentation_node, reference_volume_node, selected_ids, drawn_only_axis)
+    """Write the selected segments as a ``.seg.nrrd`` (names, colours, overlaps in layers) on the volume's grid."""
+    exported = segmentation_to_label_map(segmentation_node, reference_volume_node, selected_ids, drawn_only_axis,
+                                         overlaps_as_layers=str(path).endswith(".seg.nrrd"))
     write_label_map(path, exported.array, exported.geometry, exported.segments)
     return exported
 
