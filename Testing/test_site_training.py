@@ -158,7 +158,7 @@ def test_one_drawn_slice_on_a_new_patient_continues_the_site_adapter_and_propaga
     assert trained.returncode == EXIT_OK, trained.stderr[-2000:]
     assert load_adapter_metadata(continued).lineage["cases_added"] == ["d.nrrd"]
     propagated = subprocess.run(_cli("propagate", "--image", site["d"].image, "--labels", site["d"].labels,
-                                     "--adapter", str(continued), "--out", str(seg), "--progress", "json"),
+                                     "--adapter", str(continued), "--out", str(seg), "--range", "3:5", "--progress", "json"),
                                 capture_output=True, text=True, timeout=600)
     assert propagated.returncode == EXIT_OK, propagated.stderr[-2000:]
     result, _, segments = read_label_map(seg)

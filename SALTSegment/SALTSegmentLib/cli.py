@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--left-out", help="site: comma-separated patients to leave out in turn (default: all)")
     bench.add_argument("--site-slices", type=_positive_int, default=3,
                        help="site: slices drawn per structure on each previous patient")
+    bench.add_argument("--site-segments", help="site: comma-separated structures to keep (default: all)")
+    bench.add_argument("--site-previous", type=_positive_int,
+                       help="site: at most this many previous patients per site adapter (default: all others)")
     bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     models = commands.add_parser("models", help="list base models, or download one")
@@ -468,7 +471,9 @@ def _bench(args) -> int:
         left_out = [n.strip() for n in args.left_out.split(",")] if args.left_out else None
         results = site.bench_site(patients, left_out, steps=args.steps, site_slices=args.site_slices,
                                   seed=args.seeds[0], folder=out / "site-adapters", say=say,
-                                  on_update=lambda so_far: site.write_site_outputs(so_far, out))
+                                  on_update=lambda so_far: site.write_site_outputs(so_far, out),
+                                  segments=args.site_segments.split(",") if args.site_segments else None,
+                                  most_previous=args.site_previous)
         paths = site.write_site_outputs(results, out)
         print(site.site_table(results))
         print("wrote " + ", ".join(str(p) for p in paths))

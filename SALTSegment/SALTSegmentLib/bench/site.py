@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -76,9 +76,11 @@ class SiteResults:
     site_slices: int
     steps: int
     runs: list[SiteRun] = field(default_factory=list)
+    structures: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"patients": self.patients, "site_slices_per_structure": self.site_slices, "steps": self.steps,
+        return {"patients": self.patients, "structures": self.structures,
+                "site_slices_per_structure": self.site_slices, "steps": self.steps,
                 "runs": [dict(asdict(r), mean_dice=round(r.mean_dice, 4)) for r in self.runs]}
 
     def mean(self, method: str, previous: Optional[int] = None) -> float:
@@ -164,16 +166,31 @@ def _site_propagation(adapter: Path, case: BenchCase, drawn: np.ndarray,
                       loaded.metadata.intensity_mapping, case, drawn, labelled)
 
 
+def only_segments(case: BenchCase, names: Sequence[str]) -> BenchCase:
+    """The case with only the structures ``names`` in its reference (a cheaper bench on a small machine)."""
+    kept = [s for s in case.segments if s.name in names]
+    if not kept:
+        raise ValueError(f"{case.name} has none of the structures {', '.join(names)} "
+                         f"(it has {', '.join(s.name for s in case.segments)})")
+    reference = np.where(np.isin(case.reference, [s.label for s in kept]), case.reference, 0)
+    return replace(case, reference=reference, segments=kept)
+
+
 def bench_site(patients: Sequence[BenchCase], left_out: Optional[Sequence[str]] = None, steps: int = 40,
                site_slices: int = 3, seed: int = 0, folder: Optional[Path] = None,
-               say: Say = print, on_update: Optional[Callable[[SiteResults], None]] = None) -> SiteResults:
+               say: Say = print, on_update: Optional[Callable[[SiteResults], None]] = None,
+               segments: Optional[Sequence[str]] = None, most_previous: Optional[int] = None) -> SiteResults:
     """Leave each patient of ``left_out`` (default: all) out in turn; see the module docstring.
 
+    ``segments`` keeps only those structures; ``most_previous`` caps the
+    previous patients a site adapter learns from (the first ones, in order).
     ``on_update`` gets the results so far after each method on each patient,
     so a long run that is stopped keeps what it measured.
     """
     import tempfile
 
+    if segments:
+        patients = [only_segments(p, segments) for p in patients]
     by_name = {p.name: p for p in patients}
     unknown = [name for name in left_out or [] if name not in by_name]
     if unknown:
@@ -183,10 +200,11 @@ def bench_site(patients: Sequence[BenchCase], left_out: Optional[Sequence[str]] 
     work = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="saltsegment-site-"))
     work.mkdir(parents=True, exist_ok=True)
     adapters = _SiteAdapters(work, by_name, site_slices, steps, seed, say)
-    results = SiteResults([p.name for p in patients], site_slices, steps)
+    results = SiteResults([p.name for p in patients], site_slices, steps,
+                          structures=sorted({s.name for p in patients for s in p.segments}))
     for name in left_out or list(by_name):
         case = by_name[name]
-        previous = [p.name for p in patients if p.name != name]
+        previous = [p.name for p in patients if p.name != name][:most_previous]
         one, three = case.labelled_slices(1), case.labelled_slices(3)
         drawn_one, drawn_three = case.drawn(one), case.drawn(three)
         scored = sorted(set(one) | set(three))
