@@ -230,13 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-suggestion", action="store_true",
                        help="quality: skip the extra-slice experiment (suggested vs evenly chosen slice)")
     bench.add_argument("--merge", metavar="JSON[,JSON...]",
-                       help="quality: run nothing; write one table and plot from earlier runs' quality.json files")
+                       help="quality, site: run nothing; write one table and plot from earlier runs' "
+                            "quality.json (site.json) files")
     bench.add_argument("--site", metavar="DIR",
                        help="site: patients of one site (scripts/make_site_set.py writes simulated ones)")
     bench.add_argument("--left-out", help="site: comma-separated patients to leave out in turn (default: all)")
     bench.add_argument("--site-slices", type=_positive_int, default=3,
                        help="site: slices drawn per structure on each previous patient")
     bench.add_argument("--site-segments", help="site: comma-separated structures to keep (default: all)")
+    bench.add_argument("--site-methods",
+                       help="site: comma-separated methods to run (default: all): zero-shot, fresh-1, fresh-3, site, "
+                            "site-warm")
     bench.add_argument("--site-previous", type=_positive_int,
                        help="site: at most this many previous patients per site adapter (default: all others)")
     bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -465,15 +469,28 @@ def _bench(args) -> int:
     if args.kind == "site":
         from .bench import site
 
+        if args.merge:
+            results = site.merge_site_results([site.SiteResults.from_dict(json.loads(Path(p.strip()).read_text()))
+                                               for p in args.merge.split(",") if p.strip()])
+            paths = site.write_site_outputs(results, out)
+            print(site.site_table(results))
+            print("wrote " + ", ".join(str(p) for p in paths))
+            return EXIT_OK
         if not args.site:
             raise UsageError("bench site needs --site DIR (patients of one site; scripts/make_site_set.py)")
+        unknown = [m for m in (args.site_methods or "").split(",") if m and m not in site.METHOD_KEYS]
+        if unknown:
+            raise UsageError(f"unknown --site-methods {', '.join(unknown)} (choose from "
+                             f"{', '.join(site.METHOD_KEYS)})")
         patients = cases.development_cases(args.site)
         left_out = [n.strip() for n in args.left_out.split(",")] if args.left_out else None
         results = site.bench_site(patients, left_out, steps=args.steps, site_slices=args.site_slices,
                                   seed=args.seeds[0], folder=out / "site-adapters", say=say,
                                   on_update=lambda so_far: site.write_site_outputs(so_far, out),
                                   segments=args.site_segments.split(",") if args.site_segments else None,
-                                  most_previous=args.site_previous)
+                                  most_previous=args.site_previous,
+                                  methods=[site.METHOD_KEYS[m] for m in args.site_methods.split(",") if m]
+                                  if args.site_methods else site.METHODS)
         paths = site.write_site_outputs(results, out)
         print(site.site_table(results))
         print("wrote " + ", ".join(str(p) for p in paths))

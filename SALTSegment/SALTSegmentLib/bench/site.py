@@ -51,6 +51,7 @@ FRESH_3 = "fresh adapter, 3 slices"
 SITE = "site adapter, 1 slice"
 SITE_WARM = "site adapter + warm start, 1 slice"
 METHODS = (ZERO_SHOT, FRESH_1, FRESH_3, SITE, SITE_WARM)
+METHOD_KEYS = {"zero-shot": ZERO_SHOT, "fresh-1": FRESH_1, "fresh-3": FRESH_3, "site": SITE, "site-warm": SITE_WARM}
 
 
 @dataclass
@@ -82,6 +83,12 @@ class SiteResults:
         return {"patients": self.patients, "structures": self.structures,
                 "site_slices_per_structure": self.site_slices, "steps": self.steps,
                 "runs": [dict(asdict(r), mean_dice=round(r.mean_dice, 4)) for r in self.runs]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SiteResults":
+        runs = [SiteRun(**{k: v for k, v in run.items() if k != "mean_dice"}) for run in data["runs"]]
+        return cls(data["patients"], data["site_slices_per_structure"], data["steps"], runs,
+                   data.get("structures", []))
 
     def mean(self, method: str, previous: Optional[int] = None) -> float:
         values = [r.mean_dice for r in self.runs if r.method == method
@@ -166,6 +173,24 @@ def _site_propagation(adapter: Path, case: BenchCase, drawn: np.ndarray,
                       loaded.metadata.intensity_mapping, case, drawn, labelled)
 
 
+def merge_site_results(parts: Sequence[SiteResults]) -> SiteResults:
+    """One result from runs made apart (methods or patients split across processes), if they measured alike.
+
+    A run that two parts both made (same patient, method and number of
+    previous patients) counts once: the first part's.
+    """
+    first = parts[0]
+    for part in parts[1:]:
+        if (part.site_slices, part.steps, part.structures, part.patients) != \
+                (first.site_slices, first.steps, first.structures, first.patients):
+            raise ValueError("These site runs used different settings (slices, steps, structures or patients); "
+                             "merge only runs of the same command apart from --left-out and --site-methods")
+    runs: dict[tuple, SiteRun] = {}
+    for run in (r for p in parts for r in p.runs):   # a run measured by two parts counts once (the first)
+        runs.setdefault((run.left_out, run.method, run.previous), run)
+    return SiteResults(first.patients, first.site_slices, first.steps, list(runs.values()), first.structures)
+
+
 def only_segments(case: BenchCase, names: Sequence[str]) -> BenchCase:
     """The case with only the structures ``names`` in its reference (a cheaper bench on a small machine)."""
     kept = [s for s in case.segments if s.name in names]
@@ -179,11 +204,14 @@ def only_segments(case: BenchCase, names: Sequence[str]) -> BenchCase:
 def bench_site(patients: Sequence[BenchCase], left_out: Optional[Sequence[str]] = None, steps: int = 40,
                site_slices: int = 3, seed: int = 0, folder: Optional[Path] = None,
                say: Say = print, on_update: Optional[Callable[[SiteResults], None]] = None,
-               segments: Optional[Sequence[str]] = None, most_previous: Optional[int] = None) -> SiteResults:
+               segments: Optional[Sequence[str]] = None, most_previous: Optional[int] = None,
+               methods: Sequence[str] = METHODS) -> SiteResults:
     """Leave each patient of ``left_out`` (default: all) out in turn; see the module docstring.
 
     ``segments`` keeps only those structures; ``most_previous`` caps the
     previous patients a site adapter learns from (the first ones, in order).
+    ``methods`` (default: all of :data:`METHODS`) selects what runs, so
+    runs can be split across processes and merged (:func:`merge_site_results`).
     ``on_update`` gets the results so far after each method on each patient,
     so a long run that is stopped keeps what it measured.
     """
@@ -221,18 +249,23 @@ def bench_site(patients: Sequence[BenchCase], left_out: Optional[Sequence[str]] 
 
         # The comparisons that matter first (the fresh adapter and the site adapter after every previous
         # patient), then the baselines, then the rest of the curve: a run stopped early keeps the main result.
-        labels, train_s, propagate_s = _fresh(case, drawn_one, one, "salt", steps, seed)
-        record(FRESH_1, 0, one, labels, train_s, propagate_s)
+        if FRESH_1 in methods:
+            labels, train_s, propagate_s = _fresh(case, drawn_one, one, "salt", steps, seed)
+            record(FRESH_1, 0, one, labels, train_s, propagate_s)
         for count in [len(previous)] + list(range(1, len(previous))):
-            chain = tuple(previous[:count])
-            adapter = adapters.adapter(chain)
-            labels, propagate_s = _site_propagation(adapter, case, drawn_one, one)
-            record(SITE, count, one, labels, adapters.train_seconds.get(chain, 0.0), propagate_s)
-            if count == len(previous):
+            if SITE in methods:
+                chain = tuple(previous[:count])
+                adapter = adapters.adapter(chain)
+                labels, propagate_s = _site_propagation(adapter, case, drawn_one, one)
+                record(SITE, count, one, labels, adapters.train_seconds.get(chain, 0.0), propagate_s)
+            if count == len(previous) and FRESH_3 in methods:
                 labels, train_s, propagate_s = _fresh(case, drawn_three, three, "salt", steps, seed)
                 record(FRESH_3, 0, three, labels, train_s, propagate_s)
+            if count == len(previous) and ZERO_SHOT in methods:
                 labels, train_s, propagate_s = _fresh(case, drawn_one, one, "decoder", 0, seed)
                 record(ZERO_SHOT, 0, one, labels, train_s, propagate_s)
+        if SITE_WARM not in methods:
+            continue
         warm = work / f"site_{'+'.join(previous)}_warm_{name}.safetensors"
         one_file = work / f"{name}_drawn1.seg.nrrd"
         write_label_map(one_file, drawn_one, case.geometry, case.segments)
