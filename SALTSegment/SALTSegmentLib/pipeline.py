@@ -24,13 +24,13 @@ from .output_lock import output_lock
 from .devices import autocast_dtype, resolve_device
 from .preflight import (MemoryEstimate, check_adapter_suffix, check_label_map_suffix, check_memory,
                         check_output_is_not_an_input, check_output_path, propagation_memory, training_memory)
-from .adapters import merge_adapters
 from .adapter_file import AdapterMetadata, LoadedAdapter, load_adapter, load_adapter_metadata, save_adapter
 from .label_layers import is_layered, layers_with_drawn_slices, value_mask
 from .metrics import EvaluationReport, evaluate_label_maps
 from .models import WeightsError, get_spec, load_model
+from .array_jobs import AdaptedModel, fine_tune, propagate
 from .propagation import (MODES_NEEDING_LABELS, PropagationConfig, PropagationInputError, PropagationProgress,
-                          PropagationResult, VolumePropagator)
+                          PropagationResult)
 from .training import (FewShotData, FewShotTrainer, StepReport, TrainingConfig, TrainingInputError, TrainingResult,
                        WarmStart, check_training_cases, merge_segments)
 from .host.adapter_metadata import case_record, file_sha256, lineage_record
@@ -373,10 +373,8 @@ def _train_locked(job: TrainJob, out: Path, on_step, should_stop, on_checkpoint,
                    f"{len(segments)} segments, {datas[0].intensity.describe()}, {job.config.method} on "
                    f"{model.model_id}{continued}, {resolve_device(job.config.device)}{ranks}")
     records = _case_records(cases, datas, case_slices, parent) if main else []
-    trainer = FewShotTrainer(model, datas, job.config, segments=segments, warm_start=warm_start,
-                             distributed=distributed)
 
-    def metadata(result: Optional[TrainingResult], steps_done: int) -> AdapterMetadata:
+    def metadata(trainer: FewShotTrainer, result: Optional[TrainingResult], steps_done: int) -> AdapterMetadata:
         training = {"config": job.config.to_dict(), "steps_done": steps_done}
         if result is not None:
             training.update(result.summary())
@@ -390,19 +388,21 @@ def _train_locked(job: TrainJob, out: Path, on_step, should_stop, on_checkpoint,
             intensity=datas[0].intensity.to_dict(), axis=axis, plane=plane,
             segments=AdapterMetadata.segments_to_dicts(segments), training=training, cases=records, lineage=lineage)
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, trainer: FewShotTrainer) -> None:
         if not main:
             return
-        save_adapter(out, model, trainer.prompts, metadata(None, step))
+        save_adapter(out, model, trainer.prompts, metadata(trainer, None, step))
         if on_checkpoint is not None:
             on_checkpoint(out, step)
 
-    result = trainer.run(on_step=on_step, should_stop=should_stop, on_checkpoint=checkpoint)
+    tuned = fine_tune(model, datas, job.config, segments=segments, warm_start=warm_start, distributed=distributed,
+                      on_step=on_step, should_stop=should_stop, on_checkpoint=checkpoint)
+    result = tuned.result
     if result.interrupted and result.steps_done == 0:
         raise JobStopped(stopped)  # a 0-step adapter is only the untrained model: keep what was there
-    final = metadata(result, result.steps_done)
+    final = metadata(tuned.trainer, result, result.steps_done)
     if main:
-        save_adapter(out, model, trainer.prompts, final)
+        save_adapter(out, model, tuned.trainer.prompts, final)
     return TrainOutcome(out, result, final, memory)
 
 
@@ -574,10 +574,9 @@ def _propagate_locked(job: PropagateJob, out: Path, loaded, on_progress, should_
             return PropagateOutcome(out, PropagationResult(np.zeros(0, np.uint16), [], 0.0, True), segments, labelled,
                                     memory_estimate=memory)
         loaded = load_adapter(job.adapter, weights=job.weights)
-        merge_adapters(loaded.model)  # plain weights again: propagation pays nothing for the adapter
-    propagator = VolumePropagator(loaded.model, loaded.prompts, segments, metadata.intensity_mapping,
-                                  axis, job.config)
-    result = propagator.run(image, geometry.spacing, user_labels, labelled, on_progress, should_stop)
+    adapted = AdaptedModel(loaded.model, loaded.prompts, segments, metadata.intensity_mapping)
+    result = propagate(adapted, image, geometry.spacing, axis, job.config, user_labels, labelled, on_progress,
+                       should_stop)
     if not result.interrupted and should_stop is not None and should_stop():
         result.interrupted = True  # a stop during the last slices or the clean-up: still write nothing
     written = segments + [k.segment for k in kept]

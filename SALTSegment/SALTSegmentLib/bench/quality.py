@@ -25,14 +25,14 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .. import preprocessing as pp
-from ..adapters import merge_adapters
+from ..array_jobs import AdaptedModel, fine_tune, propagate
 from ..host.choices import DEFAULT_STEPS
 from ..interpolation import fill_between_slices
 from ..metrics import dice
 from ..models import load_model
-from ..propagation import PropagationConfig, VolumePropagator
+from ..propagation import PropagationConfig
 from ..slices import occupied_slices
-from ..training import FewShotData, FewShotTrainer, TrainingConfig
+from ..training import FewShotData, TrainingConfig
 from .cases import BenchCase
 
 Say = Callable[[str], None]
@@ -130,11 +130,9 @@ def merge_results(parts: Sequence[QualityResults]) -> QualityResults:
     return merged
 
 
-def _propagate(trainer: FewShotTrainer, case: BenchCase, drawn: np.ndarray, labelled: list[int],
+def _propagate(adapted: AdaptedModel, case: BenchCase, drawn: np.ndarray, labelled: list[int],
                config: PropagationConfig):
-    propagator = VolumePropagator(trainer.model, trainer.prompts, case.segments, trainer.data.intensity, case.axis,
-                                  config)
-    return propagator.run(case.image, case.geometry.spacing, drawn, labelled)
+    return propagate(adapted, case.image, case.geometry.spacing, case.axis, config, drawn, labelled)
 
 
 def _extent_errors(case: BenchCase, extents) -> tuple[int, int, list[dict]]:
@@ -152,7 +150,7 @@ def _extent_errors(case: BenchCase, extents) -> tuple[int, int, list[dict]]:
     return within, total, rows
 
 
-def _suggestion_experiment(trainer, case, labelled, result, config) -> dict:
+def _suggestion_experiment(adapted: AdaptedModel, case, labelled, result, config) -> dict:
     """One more drawn slice per structure: where the propagation suggests vs the middle of the widest gap."""
     suggested = {s.segment: s.slice for s in result.suggestions}
     even: dict[str, int] = {}
@@ -167,7 +165,7 @@ def _suggestion_experiment(trainer, case, labelled, result, config) -> dict:
     for name, extra in (("suggested", set(suggested.values())), ("even", set(even.values()))):
         more = sorted(set(labelled) | extra)
         drawn = case.drawn(more)
-        propagated = _propagate(trainer, case, drawn, more, config)
+        propagated = _propagate(adapted, case, drawn, more, config)
         scores[name] = unlabelled_dice(propagated.labels, case, sorted(set(labelled) | extra_all))
     return {"suggested_slices": suggested, "even_slices": even,
             "mean_dice": {k: round(float(np.mean(list(v.values()))), 4) for k, v in scores.items()},
@@ -187,13 +185,12 @@ def bench_case(case: BenchCase, counts: Sequence[int], methods: Sequence[str], s
             for seed in seeds:
                 data = FewShotData(case.image, drawn, case.geometry.spacing, case.segments,
                                    pp.parse_intensity("auto", case.image), case.axis, labelled)
-                trainer = FewShotTrainer(load_model("lite_medsam"), data,
-                                         TrainingConfig(method=method, steps=steps, seed=seed))
-                trained = trainer.run()
-                merge_adapters(trainer.model)
+                tuned = fine_tune(load_model("lite_medsam"), data,
+                                  TrainingConfig(method=method, steps=steps, seed=seed))
+                trained, adapted = tuned.result, tuned.adapted()
                 config = PropagationConfig(mode="box")
                 start = time.perf_counter()
-                result = _propagate(trainer, case, drawn, labelled, config)
+                result = _propagate(adapted, case, drawn, labelled, config)
                 propagate_s = time.perf_counter() - start
                 within, total, extents = _extent_errors(case, result.extents)
                 run = QualityRun(case.name, protocol, count, labelled, method, seed,
@@ -201,7 +198,7 @@ def bench_case(case: BenchCase, counts: Sequence[int], methods: Sequence[str], s
                                  result.estimate.to_dict() if result.estimate else None,
                                  round(trained.train_seconds, 1), round(propagate_s, 1))
                 if suggest and method == methods[0] and seed == seeds[0] and case.kind == "anatomy":
-                    run.suggestion = _suggestion_experiment(trainer, case, labelled, result, config)
+                    run.suggestion = _suggestion_experiment(adapted, case, labelled, result, config)
                 runs.append(run)
                 say(f"{case.name} {protocol} {count}: {method} seed {seed}: {run.mean_dice:.3f} "
                     f"(Fill between slices {run.mean_fill:.3f}), ends within 2: {within}/{total}, "
