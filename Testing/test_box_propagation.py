@@ -114,9 +114,10 @@ def test_the_estimate_compares_with_fill_between_slices_on_the_same_hidden_slice
         without = mask.copy()
         without[hidden] = False
         interior = _dice(interpolate_segment(without, "k")[hidden], mask[hidden])
-        # Fill between slices cannot reach the outermost hidden slices: they score 0.
-        assert row.fill_between_slices == pytest.approx(interior / 3, abs=1e-3)
-    assert "expected Dice on unlabelled slices" in estimate.describe()
+        # Only the inner drawn slice is hidden: the outermost ones would score 0 by construction.
+        assert row.slices == [hidden]
+        assert row.fill_between_slices == pytest.approx(interior, abs=1e-3)
+    assert "expected Dice on unlabelled slices between drawn ones" in estimate.describe()
     for suggestion in box_result.suggestions:
         assert suggestion.slice not in DRAWN and suggestion.segment in KEEP
 

@@ -62,9 +62,9 @@ class QualityEstimate:
         if not self.segments:
             return (f"no quality estimate: it needs a segment drawn on {MIN_DRAWN_FOR_ESTIMATE} or more slices")
         hidden = sum(len(s.slices) for s in self.segments)
-        return (f"expected Dice on unlabelled slices: {self.propagation:.2f}; Fill between slices: "
-                f"{self.fill_between_slices:.2f} (leave-one-out over {hidden} drawn slices of "
-                f"{len(self.segments)} segment{'s' if len(self.segments) != 1 else ''})")
+        return (f"expected Dice on unlabelled slices between drawn ones: {self.propagation:.2f}; Fill between "
+                f"slices: {self.fill_between_slices:.2f} (leave-one-out over {hidden} inner drawn slices of "
+                f"{len(self.segments)} segment{'s' if len(self.segments) != 1 else ''}; the ends are not in it)")
 
     def to_dict(self) -> dict:
         return {"propagation": self.propagation, "fill_between_slices": self.fill_between_slices,
@@ -73,11 +73,15 @@ class QualityEstimate:
 
 def leave_one_out(run: BoxPropagation, segments: Sequence[Segment], user_labels: np.ndarray,
                   labelled: Sequence[int], results: Sequence[Optional[SegmentResult]]) -> QualityEstimate:
-    """Hide each drawn slice of each segment drawn on 3+ slices; predict it from the others, both ways.
+    """Hide each inner drawn slice of each segment drawn on 3+ slices; predict it from the others, both ways.
 
-    ``results`` are the full run's per-segment results: a hidden slice inside
-    the drawn range keeps the ends already decided; hiding an outermost slice
-    walks that end again from the next drawn slice.
+    Only slices with drawn slices of the segment on both sides are hidden,
+    with the ends kept as the full run decided them (``results``). Hiding an
+    outermost slice would ask the walk to reach a slice a whole label gap
+    away, which the spacing bound forbids by design, and Fill between slices
+    cannot extrapolate at all: both would score 0 there and say nothing
+    about the result. So this estimates the slices between drawn ones, not
+    the ends; each end is reported with its reason instead.
     """
     axis = run.axis
     estimate = QualityEstimate()
@@ -87,17 +91,17 @@ def leave_one_out(run: BoxPropagation, segments: Sequence[Segment], user_labels:
         if full is None or len(present) < MIN_DRAWN_FOR_ESTIMATE:
             continue
         ours, fill = [], []
-        for hidden in present:
+        inner = present[1:-1]
+        for hidden in inner:
             truth = pp.take_slice(drawn, axis, hidden)
             without = drawn.copy()
             pp.put_slice(without, axis, hidden, False)
             others = [i for i in labelled if i != hidden]
-            known = [None if hidden == present[0] else full.extent.first,
-                     None if hidden == present[-1] else full.extent.last]
+            known = [full.extent.first, full.extent.last]
             predicted = run.segment(k, segment.name, without, others, only=hidden, known_ends=known)
             ours.append(dice(pp.take_slice(predicted.mask, axis, hidden), truth))
             fill.append(dice(pp.take_slice(interpolate_segment(without, axis), axis, hidden), truth))
-        estimate.segments.append(SegmentEstimate(segment.name, present, round(float(np.mean(ours)), 4),
+        estimate.segments.append(SegmentEstimate(segment.name, inner, round(float(np.mean(ours)), 4),
                                                  round(float(np.mean(fill)), 4)))
     return estimate
 
