@@ -516,9 +516,6 @@ class FewShotTrainer:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad] + list(self.prompts.parameters())
 
-    def prepare(self) -> None:
-        """Nothing is left to prepare: the constructor does it (kept while benchmarks.py still calls it)."""
-
     def step(self) -> tuple[float, float]:
         """One optimisation step; returns (loss, learning rate used).
 
