@@ -33,11 +33,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from ..adapter_file import load_adapter
-from ..adapters import merge_adapters
+from ..array_jobs import AdaptedModel, fine_tune, propagate
 from ..models import load_model
 from ..pipeline import TrainJob, run_training
-from ..propagation import PropagationConfig, VolumePropagator
-from ..training import FewShotData, FewShotTrainer, TrainingConfig
+from ..propagation import PropagationConfig
+from ..training import FewShotData, TrainingConfig
 from ..volume_io import write_label_map
 from .. import preprocessing as pp
 from .cases import BenchCase
@@ -142,12 +142,11 @@ class _SiteAdapters:
         return path
 
 
-def _propagate(model, prompts, segments, intensity, case: BenchCase, drawn: np.ndarray,
+def _propagate(adapted: AdaptedModel, case: BenchCase, drawn: np.ndarray,
                labelled: list[int]) -> tuple[np.ndarray, float]:
     start = time.perf_counter()
-    propagator = VolumePropagator(model, prompts, segments, intensity, case.axis,
-                                  PropagationConfig(mode="box", estimate=False))
-    result = propagator.run(case.image, case.geometry.spacing, drawn, labelled)
+    result = propagate(adapted, case.image, case.geometry.spacing, case.axis,
+                       PropagationConfig(mode="box", estimate=False), drawn, labelled)
     return result.labels, time.perf_counter() - start
 
 
@@ -158,19 +157,17 @@ def _fresh(case: BenchCase, drawn: np.ndarray, labelled: list[int], method: str,
                        pp.parse_intensity("auto", case.image), case.axis, labelled)
     # Untrained: one copy per slice, so the prompts start exactly at the drawn slices' boxes.
     config = TrainingConfig(method=method, steps=steps, seed=seed, **({} if steps else {"copies_per_slice": 1}))
-    trainer = FewShotTrainer(load_model("lite_medsam"), data, config)
-    trained = trainer.run()
-    merge_adapters(trainer.model)
-    labels, seconds = _propagate(trainer.model, trainer.prompts, case.segments, data.intensity, case, drawn, labelled)
-    return labels, trained.train_seconds + trainer.setup_seconds, seconds
+    tuned = fine_tune(load_model("lite_medsam"), data, config)
+    labels, seconds = _propagate(tuned.adapted(), case, drawn, labelled)
+    return labels, tuned.result.train_seconds + tuned.trainer.setup_seconds, seconds
 
 
 def _site_propagation(adapter: Path, case: BenchCase, drawn: np.ndarray,
                       labelled: list[int]) -> tuple[np.ndarray, float]:
     loaded = load_adapter(adapter)
-    merge_adapters(loaded.model)
-    return _propagate(loaded.model, loaded.prompts, loaded.metadata.segment_list,
-                      loaded.metadata.intensity_mapping, case, drawn, labelled)
+    adapted = AdaptedModel(loaded.model, loaded.prompts, loaded.metadata.segment_list,
+                           loaded.metadata.intensity_mapping)
+    return _propagate(adapted, case, drawn, labelled)
 
 
 def merge_site_results(parts: Sequence[SiteResults]) -> SiteResults:
