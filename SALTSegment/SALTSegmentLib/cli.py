@@ -607,7 +607,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return_large_blocks_to_the_system()
     reporter = make_reporter(getattr(args, "progress", "bar"))
     stop = StopRequest(getattr(args, "stop_file", None))
-    stop.install()
+    if args.command in ("train", "propagate", "demo"):  # they poll it; the others keep the default: stop at once
+        stop.install()
     distributed, code = None, EXIT_ERROR
     try:
         if args.command in ("train", "propagate"):
