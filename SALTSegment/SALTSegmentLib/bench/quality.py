@@ -229,14 +229,15 @@ def quality_table(results: QualityResults) -> str:
     """Markdown: per case and count, Fill between slices, each method, the oracle; then per structure."""
     methods = list(dict.fromkeys(r.method for r in results.runs))
     lines = ["| case | drawn per structure | Fill between slices | " + " | ".join(methods)
-             + " | ends within 2 slices | zero-shot oracle box |",
+             + f" | ends within 2 slices ({methods[0] if methods else '-'}) | zero-shot oracle box |",
              "|---|---|---|" + "---|" * len(methods) + "---|---|"]
     keys = list(dict.fromkeys((r.case, r.count) for r in results.runs))
     for case, count in keys:
         runs = [r for r in results.runs if r.case == case and r.count == count]
         cells = [f"{_mean(r.mean_dice for r in runs if r.method == m):.3f}" for m in methods]
-        within = sum(r.ends_within_2 for r in runs)
-        total = sum(r.ends for r in runs)
+        first = [r for r in runs if r.method == methods[0]]   # ends of one method, not summed over methods
+        within = sum(r.ends_within_2 for r in first)
+        total = sum(r.ends for r in first)
         oracle = results.zero_shot.get(case)
         lines.append(f"| {case} | {count} | {runs[0].mean_fill:.3f} | " + " | ".join(cells)
                      + f" | {within}/{total} | {_mean(oracle.values()) if oracle else float('nan'):.3f} |")
