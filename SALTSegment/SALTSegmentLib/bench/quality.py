@@ -16,7 +16,6 @@ Scores are 3D Dice over the slices the user did not draw, per structure.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -34,6 +33,7 @@ from ..propagation import PropagationConfig
 from ..slices import occupied_slices
 from ..training import FewShotData, TrainingConfig
 from .cases import BenchCase
+from .output_files import new_figure, write_outputs
 
 Say = Callable[[str], None]
 
@@ -254,22 +254,9 @@ def quality_table(results: QualityResults) -> str:
 
 def write_quality_outputs(results: QualityResults, folder: Path) -> tuple[Path, Path, Path]:
     """quality.json, quality.md and quality.png (per case: Fill between slices vs each method)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from ..atomic_files import atomic_path
-
-    folder.mkdir(parents=True, exist_ok=True)
-    json_path, md_path, png_path = folder / "quality.json", folder / "quality.md", folder / "quality.png"
-    with atomic_path(json_path) as temporary:
-        temporary.write_text(json.dumps(results.to_dict(), indent=2))
-    with atomic_path(md_path) as temporary:
-        temporary.write_text(quality_table(results) + "\n")
     keys = list(dict.fromkeys((r.case, r.count) for r in results.runs))
     methods = list(dict.fromkeys(r.method for r in results.runs))
-    figure = Figure(figsize=(max(6, 0.9 * len(keys) + 2), 4.5), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    figure, axes = new_figure(max(6, 0.9 * len(keys) + 2))
     positions = np.arange(len(keys))
     width = 0.8 / (len(methods) + 2)
     fill = [next(r.mean_fill for r in results.runs if (r.case, r.count) == key) for key in keys]
@@ -287,7 +274,4 @@ def write_quality_outputs(results: QualityResults, folder: Path) -> tuple[Path, 
     axes.set_ylim(0, 1)
     axes.grid(axis="y", alpha=0.3)
     axes.legend(fontsize=7, loc="lower left")
-    figure.tight_layout()
-    with atomic_path(png_path) as temporary:
-        figure.savefig(temporary, format="png")
-    return json_path, md_path, png_path
+    return write_outputs(folder, "quality", results.to_dict(), quality_table(results), figure)

@@ -24,7 +24,6 @@ slices drawn by neither the 1-slice nor the 3-slice protocol.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -41,6 +40,7 @@ from ..training import FewShotData, TrainingConfig
 from ..volume_io import write_label_map
 from .. import preprocessing as pp
 from .cases import BenchCase
+from .output_files import new_figure, write_outputs
 from .quality import unlabelled_dice
 
 Say = Callable[[str], None]
@@ -302,20 +302,7 @@ def site_table(results: SiteResults) -> str:
 
 def write_site_outputs(results: SiteResults, folder: Path) -> tuple[Path, Path, Path]:
     """site.json, site.md and site.png (Dice against the number of previous patients)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from ..atomic_files import atomic_path
-
-    folder.mkdir(parents=True, exist_ok=True)
-    json_path, md_path, png_path = folder / "site.json", folder / "site.md", folder / "site.png"
-    with atomic_path(json_path) as temporary:
-        temporary.write_text(json.dumps(results.to_dict(), indent=2))
-    with atomic_path(md_path) as temporary:
-        temporary.write_text(site_table(results) + "\n")
-    figure = Figure(figsize=(6.5, 4.5), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    figure, axes = new_figure(6.5)
     most = results.most_previous
     counts = list(range(0, most + 1))
     for name in dict.fromkeys(r.left_out for r in results.runs):
@@ -337,7 +324,4 @@ def write_site_outputs(results: SiteResults, folder: Path) -> tuple[Path, Path, 
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="lower right")
     axes.set_title("Site adaptation, leave one simulated patient out", fontsize=10)
-    figure.tight_layout()
-    with atomic_path(png_path) as temporary:
-        figure.savefig(temporary, format="png")
-    return json_path, md_path, png_path
+    return write_outputs(folder, "site", results.to_dict(), site_table(results), figure)
