@@ -57,21 +57,36 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(scope="module")
-def thalamus_crop(tmp_path_factory, sample_image_path, sample_labels_path) -> Path:
-    """Eight axial slices (28..35) of the sample: image, the left thalamus drawn on slices 2 and 6, full reference."""
+@pytest.fixture(scope="session")
+def write_sample_crop(sample_image_path, sample_labels_path):
+    """A writer of eight axial slices (28..35) of the sample into a folder: image.nrrd, and drawn.seg.nrrd with
+    the segments of the given label values drawn on slices 2 and 6. It returns the crop's full labels, its
+    geometry and the drawn segments."""
     from SALTSegmentLib.volume_io import VolumeGeometry, read_label_map, write_label_map
 
+    def write(folder: Path, values: list[int]):
+        image = sitk.ReadImage(str(sample_image_path))
+        size = list(image.GetSize())
+        crop = sitk.RegionOfInterest(image, [size[0], size[1], 8], [0, 0, 28])
+        sitk.WriteImage(crop, str(folder / "image.nrrd"))
+        labels, _, segments = read_label_map(sample_labels_path)
+        labels = labels[28:36]
+        drawn = np.zeros_like(labels)
+        drawn[[2, 6]] = np.where(np.isin(labels[[2, 6]], values), labels[[2, 6]], 0)
+        geometry = VolumeGeometry.from_image(crop)
+        kept = [s for s in segments if s.label in values]
+        write_label_map(folder / "drawn.seg.nrrd", drawn, geometry, kept)
+        return labels, geometry, kept
+
+    return write
+
+
+@pytest.fixture(scope="module")
+def thalamus_crop(tmp_path_factory, write_sample_crop) -> Path:
+    """Eight axial slices (28..35) of the sample: image, the left thalamus drawn on slices 2 and 6, full reference."""
+    from SALTSegmentLib.volume_io import write_label_map
+
     folder = tmp_path_factory.mktemp("thalamus_crop")
-    image = sitk.ReadImage(str(sample_image_path))
-    size = list(image.GetSize())
-    crop = sitk.RegionOfInterest(image, [size[0], size[1], 8], [0, 0, 28])
-    sitk.WriteImage(crop, str(folder / "image.nrrd"))
-    labels, _, segments = read_label_map(sample_labels_path)
-    labels = labels[28:36]
-    drawn = np.zeros_like(labels)
-    drawn[[2, 6]] = np.where(labels[[2, 6]] == 1, 1, 0)
-    geometry = VolumeGeometry.from_image(crop)
-    write_label_map(folder / "drawn.seg.nrrd", drawn, geometry, segments[:1])
-    write_label_map(folder / "reference.seg.nrrd", np.where(labels == 1, 1, 0), geometry, segments[:1])
+    labels, geometry, thalamus = write_sample_crop(folder, [1])
+    write_label_map(folder / "reference.seg.nrrd", np.where(labels == 1, 1, 0), geometry, thalamus)
     return folder

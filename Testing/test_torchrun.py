@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 
 from SALTSegmentLib.adapter_file import read_adapter_metadata
 from SALTSegmentLib.volume_io import VolumeGeometry, read_label_map, write_label_map
-from SALTSegmentLib.worker_protocol import EXIT_INTERRUPTED, EXIT_OK, parse_line
+from SALTSegmentLib.worker_protocol import EXIT_OK, parse_line
 
 LEARNING_RATE = 3e-3   # salt's default (adapters.methods)
 TIMEOUT_S = 420
@@ -85,18 +85,10 @@ def _rank_processes(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
 
 
 @pytest.fixture(scope="module")
-def two_segment_crop(tmp_path_factory, sample_image_path, sample_labels_path) -> Path:
+def two_segment_crop(tmp_path_factory, write_sample_crop) -> Path:
     """Axial slices 28..35 of the sample: the left thalamus and caudate drawn on slices 2 and 6."""
     folder = tmp_path_factory.mktemp("torchrun_crop")
-    image = sitk.ReadImage(str(sample_image_path))
-    size = list(image.GetSize())
-    crop = sitk.RegionOfInterest(image, [size[0], size[1], 8], [0, 0, 28])
-    sitk.WriteImage(crop, str(folder / "image.nrrd"))
-    labels, _, segments = read_label_map(sample_labels_path)
-    labels = labels[28:36]
-    drawn = np.zeros_like(labels)
-    drawn[[2, 6]] = np.where(np.isin(labels[[2, 6]], [1, 3]), labels[[2, 6]], 0)
-    write_label_map(folder / "drawn.seg.nrrd", drawn, VolumeGeometry.from_image(crop), [segments[0], segments[2]])
+    write_sample_crop(folder, [1, 3])
     return folder
 
 
