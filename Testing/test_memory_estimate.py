@@ -80,6 +80,7 @@ def test_the_estimate_grows_with_what_a_job_holds():
     assert training_memory(ct, 2, 5, 8).terms["augmented_bank"] > base.terms["augmented_bank"]
     assert training_memory(ct, 2, 5, 3, batch_size=4).total > base.total
     assert training_memory(ct, 2, 5, 3, on_gpu=True).terms["training_step"] == 0
+    assert training_memory(ct, 2, 5, 3, recompute_activations=False).total > base.total   # activations kept
     assert training_memory(ct, 2, 5, 3, model_id="sam_vit_b", input_size=1024).total > 3 * base.total
 
     auto = propagation_memory(ct, 2, 3, 60, box_mode=False, with_labels=False)

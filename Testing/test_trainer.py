@@ -63,3 +63,33 @@ def test_the_trainer_is_ready_to_step_once_constructed(sample_image_path, sample
     assert math.isfinite(loss) and rate == pytest.approx(trainer.learning_rate)
     result = trainer.run()                 # continues from where step() left it: no hidden re-initialisation
     assert result.steps_done == 3 and all(math.isfinite(v) for v in result.losses)
+
+
+def test_recomputing_activations_gives_the_same_gradients_as_keeping_them(sample_image_path):
+    """The CPU default (recompute each encoder block in the backward pass) changes memory, not the result."""
+    import copy
+
+    from SALTSegmentLib.adapters import apply_method
+    from SALTSegmentLib.models import load_model
+
+    image, geometry = read_image(sample_image_path)
+    slice_geometry = pp.slice_geometry_for(image.shape[1:], pp.slice_pixel_spacing(geometry.spacing, "k"), 256)
+    model = load_model("lite_medsam")
+    apply_method(model, "salt", {})
+    depth = model.frozen_prefix_depth()
+    assert depth > 0
+    scaled = pp.parse_intensity("auto", image).apply(image)
+    inputs = torch.stack([pp.slice_to_input(pp.rescale_slice(scaled[i]), slice_geometry) for i in (30, 34)])
+    with torch.no_grad():
+        prefix = model.encode_prefix(inputs, slice_geometry.resized_shape, depth)
+    gradients = []
+    for recompute in (False, True):
+        trained = copy.deepcopy(model)
+        embedding = trained.encode_rest(prefix, depth, recompute=recompute)
+        (embedding.float() ** 2).mean().backward()
+        gradients.append({n: p.grad.clone() for n, p in trained.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) > 0
+    encoder = [n for n in gradients[0] if n.startswith("image_encoder.layers")]
+    assert sum(bool(gradients[0][n].abs().sum() > 0) for n in encoder) > len(encoder) // 2   # the blocks train
+    for name in gradients[0]:
+        torch.testing.assert_close(gradients[1][name], gradients[0][name], rtol=1e-5, atol=1e-7)

@@ -193,7 +193,8 @@ def _check_training_memory(job: TrainJob, sizes: list[tuple[int, ...]], read_byt
     estimate = training_memory(voxels, read_bytes, slices or 1, segments,
                                model_id=model_id, method=job.config.method,
                                input_size=get_spec(model_id).default_input, batch_size=job.config.batch_size,
-                               copies_per_slice=job.config.copies_per_slice, **setting)
+                               copies_per_slice=job.config.copies_per_slice,
+                               recompute_activations=job.config.recompute_activations is not False, **setting)
     labelled = f" {slices} labelled slice{'s' if slices != 1 else ''} of" if slices else ""
     volumes = (f"this {' x '.join(map(str, sizes[0]))} volume" if len(sizes) == 1
                else f"these {len(sizes)} volumes ({voxels:,} voxels)")

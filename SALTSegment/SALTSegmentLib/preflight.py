@@ -111,6 +111,9 @@ def check_label_map_suffix(path: Path) -> None:
 # Measured peak / estimate in MiB (LiteMedSAM, SALT, batch 2, 5 labelled slices):
 # train (40 steps) sample 4354 / 4034, CT 3918 / 4092; propagate sample auto
 # 1763 / 1657, box 1990 / 1911; CT auto 1947 / 2145, box 2082 / 2490.
+# With the encoder's activations recomputed in the backward pass (the CPU
+# default since), train (10 steps): sample 2690 / 2833, CT 2672 / 2891,
+# sample with 15 labelled slices 3052 / 3343.
 
 _MIB = 1 << 20
 # Python, torch, SimpleITK, scipy and the package itself, imported.
@@ -125,6 +128,7 @@ TRAINING_STEP_FIXED_BYTES = 450 * _MIB
 # Activations of one training sample (forward and backward, the few segments decoded per slice) and of
 # encoding one slice without gradients (propagation encodes slices in chunks). LiteMedSAM runs at 256 px.
 LITE_TRAINING_SAMPLE_BYTES = 1100 * _MIB
+LITE_TRAINING_SAMPLE_RECOMPUTED_BYTES = 490 * _MIB   # TrainingConfig.recompute_activations (CPU default)
 LITE_INFERENCE_SLICE_BYTES = 120 * _MIB
 # ViT-B, fitted as a fixed part, a part per token (16 px patch) and, for the global-attention blocks, a part
 # per token pair; ViT-L/H scale with depth x width.
@@ -169,10 +173,16 @@ def _model_terms(model_id: str, method: str) -> dict[str, int]:
             "adapter_state": int(parameters * METHOD_BYTES_PER_PARAMETER.get(method, 16))}
 
 
-def _activation_bytes(model_id: str, input_size: int, training: bool) -> int:
-    """Activations of one training sample, or of encoding one slice, for a model at ``input_size``."""
+def _activation_bytes(model_id: str, input_size: int, training: bool, recomputed: bool = False) -> int:
+    """Activations of one training sample, or of encoding one slice, for a model at ``input_size``.
+
+    ``recomputed``: the encoder's blocks are run again in the backward pass
+    instead of kept (LiteMedSAM's TinyViT stages; the ViTs keep theirs).
+    """
     if model_id == "lite_medsam":
-        return LITE_TRAINING_SAMPLE_BYTES if training else LITE_INFERENCE_SLICE_BYTES
+        if not training:
+            return LITE_INFERENCE_SLICE_BYTES
+        return LITE_TRAINING_SAMPLE_RECOMPUTED_BYTES if recomputed else LITE_TRAINING_SAMPLE_BYTES
     fixed, per_token, per_pair = VIT_B_TRAINING_SAMPLE if training else VIT_B_INFERENCE_SLICE
     tokens = (input_size // 16) ** 2
     return int((fixed + per_token * tokens + per_pair * tokens ** 2) * VIT_SIZE_FACTOR.get(model_id, 1.0))
@@ -181,7 +191,7 @@ def _activation_bytes(model_id: str, input_size: int, training: bool) -> int:
 def training_memory(voxels: int, read_bytes: int, labelled_slices: int, segments: int, *,
                     model_id: str = "lite_medsam", method: str = "salt", input_size: int = 256,
                     batch_size: int = 2, copies_per_slice: int = 6, half_precision: bool = True,
-                    on_gpu: bool = False) -> MemoryEstimate:
+                    on_gpu: bool = False, recompute_activations: bool = True) -> MemoryEstimate:
     """Peak memory of a training run: model, volume, the augmented bank, the activations of a step.
 
     The bank holds ``copies_per_slice`` augmented copies of every labelled
@@ -194,7 +204,8 @@ def training_memory(voxels: int, read_bytes: int, labelled_slices: int, segments
     else:
         features = 3 * input_size ** 2 * 4
     copy_bytes = features + segments * (_LOW_RES_TARGET_BYTES + 2 * 4 * input_size ** 2)
-    step = TRAINING_STEP_FIXED_BYTES + batch_size * _activation_bytes(model_id, input_size, training=True)
+    step = TRAINING_STEP_FIXED_BYTES + batch_size * _activation_bytes(model_id, input_size, training=True,
+                                                                      recomputed=recompute_activations)
     terms.update(
         volume=int(voxels) * (read_bytes + 4 + 2 + 2),  # as read, float32 image, labels as read and as uint16
         augmented_bank=int(labelled_slices * copies_per_slice * copy_bytes),

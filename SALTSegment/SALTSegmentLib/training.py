@@ -78,6 +78,7 @@ class TrainingConfig:
     device: str = "auto"
     precision: str = "auto"
     checkpoint_every: int = 25
+    recompute_activations: Optional[bool] = None   # None: on for the CPU (memory), off on a GPU (speed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -313,6 +314,8 @@ class FewShotTrainer:
         # What the method left trainable decides how much encoder work is input-only (done once per copy).
         self.prefix_depth = model.frozen_prefix_depth()
         self.frozen_encoder = encoder_is_frozen(model)
+        self.recompute_activations = (config.recompute_activations if config.recompute_activations is not None
+                                      else self.device.type == "cpu")
 
         start = time.perf_counter()
         torch.manual_seed(config.seed)
@@ -423,7 +426,7 @@ class FewShotTrainer:
         if self.frozen_encoder:
             return features
         if self.prefix_depth:
-            return self.model.encode_rest(features, self.prefix_depth)
+            return self.model.encode_rest(features, self.prefix_depth, recompute=self.recompute_activations)
         sizes = self.bank.valid_hw[batch]
         if bool((sizes == sizes[0]).all()):
             return self.model.encode(features, tuple(sizes[0].tolist()))

@@ -81,10 +81,17 @@ class PromptableSegmenter(nn.Module):
             features = layer(features)
         return features
 
-    def encode_rest(self, features: torch.Tensor, depth: int) -> torch.Tensor:
-        """Finish :meth:`encode_prefix`: the remaining stages and the neck, as TinyViT's forward does."""
+    def encode_rest(self, features: torch.Tensor, depth: int, recompute: bool = False) -> torch.Tensor:
+        """Finish :meth:`encode_prefix`: the remaining stages and the neck, as TinyViT's forward does.
+
+        ``recompute`` (training only) keeps just each block's input for the
+        backward pass and runs the block again there: the same gradients for
+        about a third more compute, and a fraction of the activation memory
+        (the attention maps of every block at once are what make a CPU
+        training step's peak).
+        """
         for layer in self.image_encoder.layers[depth:]:
-            features = layer(features)
+            features = _recomputed(layer, features) if recompute and torch.is_grad_enabled() else layer(features)
         height, width = self.embedding_size
         features = features.view(features.shape[0], height, width, -1).permute(0, 3, 1, 2)
         return self.image_encoder.neck(features)
@@ -116,3 +123,15 @@ class PromptableSegmenter(nn.Module):
             dense_prompt_embeddings=dense,
             multimask_output=False,
         )
+
+
+def _recomputed(layer: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """A TinyViT stage with each block under activation checkpointing (non-reentrant: frozen inputs are fine)."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = getattr(layer, "blocks", None)
+    if blocks is None:
+        return checkpoint(layer, features, use_reentrant=False)
+    for block in blocks:
+        features = checkpoint(block, features, use_reentrant=False)
+    return layer.downsample(features) if getattr(layer, "downsample", None) is not None else features
