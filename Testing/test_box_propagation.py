@@ -166,3 +166,34 @@ def test_nothing_is_embedded_when_every_slice_is_drawn(lite_medsam, prompts, cro
     result = propagator.run(image[four], spacing, reference[four], [0, 1, 2, 3])
     assert embedded == []
     np.testing.assert_array_equal(result.labels, reference[four])
+
+
+def test_one_drawn_slice_reaches_as_far_as_the_adapters_training_cases_drew_the_structure(lite_medsam, prompts,
+                                                                                         crop, one_thread):
+    """A site adapter knows how long a structure runs; from one drawn slice the walk may go that far."""
+    from SALTSegmentLib.extent import END_LENGTH, END_SIZE
+    from SALTSegmentLib.structure_length import DrawnLength
+
+    image, spacing, _, drawn, segments = crop
+    one = np.zeros_like(drawn)
+    one[DRAWN[1]] = drawn[DRAWN[1]]
+    only_emptiness = ExtentRule(min_similarity=0.0, min_area_ratio=0.0)   # the bound alone decides (mechanics)
+    plain = _propagator(lite_medsam, prompts, crop, extent=only_emptiness, estimate=False)
+    without = plain.run(image, spacing, one, [DRAWN[1]])
+    caudate = next(s for s in segments if s.name == "Caudate_L")
+    radius = float(np.sqrt((one == caudate.label).sum() * spacing[0] * spacing[1] / np.pi))
+    long_caudate = {"Caudate_L": DrawnLength(span_mm=8 * radius, gap_mm=0.0, radius_mm=radius)}   # 4 radii each way
+    knowing = VolumePropagator(lite_medsam, prompts, segments, pp.parse_intensity("auto", image), "k",
+                               plain.config, lengths=[long_caudate])
+    assert knowing.reach_per_radius == {"Caudate_L": pytest.approx(4.0)}
+    with_length = knowing.run(image, spacing, one, [DRAWN[1]])
+    before = next(e for e in without.extents if e.name == "Caudate_L")
+    after = next(e for e in with_length.extents if e.name == "Caudate_L")
+    assert END_SIZE in (before.first.reason, before.last.reason)          # a lone slice: a round lesion's reach
+    assert END_SIZE not in (after.first.reason, after.last.reason)
+    assert after.first.beyond_drawn + after.last.beyond_drawn > before.first.beyond_drawn + before.last.beyond_drawn
+    assert END_LENGTH in (after.first.reason, after.last.reason) or \
+        (after.first.slice, after.last.slice) == (0, COUNT - 1) or "nothing" in after.first.reason + after.last.reason
+    # The thalamus, which no training case measured, still reaches only as far as its drawn size says.
+    thalamus = [next(e for e in r.extents if e.name == "Thalamus_L") for r in (without, with_length)]
+    assert thalamus[0].to_dict() == thalamus[1].to_dict()

@@ -8,8 +8,8 @@ import torch
 
 from SALTSegmentLib.appearance import build_appearance
 from SALTSegmentLib.box_mode import box_margin_pixels, closed_shape, compose_label_map, soft_mask
-from SALTSegmentLib.extent import (END_APPEARANCE, END_EDGE, END_EMPTY, END_SHRANK, END_SPACING, ExtentRule,
-                                   SegmentEnd, SegmentExtent, WalkStep, decide_end,
+from SALTSegmentLib.extent import (END_APPEARANCE, END_EDGE, END_EMPTY, END_LENGTH, END_SHRANK, END_SIZE, END_SPACING,
+                                   ExtentRule, SegmentEnd, SegmentExtent, WalkStep, decide_end,
                                    equivalent_radius_slices, label_spacing, spacing_limit)
 
 RULE = ExtentRule(spacing_bound=1.0, radius_bound=1.0, min_similarity=0.6, min_area_ratio=0.1)
@@ -41,12 +41,24 @@ def test_label_spacing_is_the_widest_gap_between_drawn_slices():
 
 
 def test_spacing_limit_uses_the_gap_or_a_single_slice_radius():
-    assert spacing_limit(RULE, [10, 15, 20], 100, 1.0, 1.0) == 5
-    assert spacing_limit(ExtentRule(spacing_bound=0.5), [10, 16], 100, 1.0, 1.0) == 3
+    assert spacing_limit(RULE, [10, 15, 20], 100, 1.0, 1.0) == (5, END_SPACING)
+    assert spacing_limit(ExtentRule(spacing_bound=0.5), [10, 16], 100, 1.0, 1.0) == (3, END_SPACING)
     # One drawn slice: a round lesion of area 314 mm^2 (radius 10 mm) on 5 mm slices reaches 2 slices.
     assert equivalent_radius_slices(314, 1.0, 5.0) == pytest.approx(2.0, abs=0.01)
-    assert spacing_limit(RULE, [33], 314, 1.0, 5.0) == 2
-    assert spacing_limit(RULE, [33], 1, 1.0, 5.0) == 1          # never less than one slice
+    assert spacing_limit(RULE, [33], 314, 1.0, 5.0) == (2, END_SIZE)
+    assert spacing_limit(RULE, [33], 1, 1.0, 5.0) == (1, END_SIZE)          # never less than one slice
+
+
+def test_the_training_cases_length_of_a_structure_extends_a_bound_that_the_drawing_leaves_short():
+    # The training cases drew it four radii long each way: one slice of radius 2 slices reaches 8.
+    assert spacing_limit(RULE, [33], 314, 1.0, 5.0, known_reach_per_radius=4.0) == (8, END_LENGTH)
+    # Two close slices (gap 2) of a structure of widest radius 2 slices: 8 from their middle, 7 past the last.
+    assert spacing_limit(RULE, [30, 32], 100, 1.0, 5.0, known_reach_per_radius=4.0, widest_area=314) \
+        == (7, END_LENGTH)
+    # Where the user's own spacing reaches further, it decides.
+    assert spacing_limit(RULE, [20, 40], 314, 1.0, 5.0, known_reach_per_radius=4.0) == (20, END_SPACING)
+    # A structure as short as its drawn slices say: the drawing's bound, not a shorter one.
+    assert spacing_limit(RULE, [30, 32], 314, 1.0, 5.0, known_reach_per_radius=0.1) == (2, END_SPACING)
 
 
 def test_the_shape_closes_just_past_each_end_even_at_the_edge_of_the_volume():

@@ -77,6 +77,11 @@ def test_several_volumes_train_one_adapter_with_segments_matched_by_name(site, s
     assert [case["sha256"] for case in metadata.cases] == [file_sha256(site["a"].image), file_sha256(site["b"].image)]
     assert [case["labelled_slices"] for case in metadata.cases] == [[3], [2, 5]]
     assert [case["segments"] for case in metadata.cases] == [["Thalamus_L"], ["Thalamus_L", "Caudate_L"]]
+    # How long each structure was drawn, for one-slice propagation on the next patient: only where drawn twice.
+    slice_mm = sitk.ReadImage(site["b"].image).GetSpacing()[2]
+    assert metadata.cases[0]["lengths"] == {}
+    assert set(metadata.cases[1]["lengths"]) == {"Thalamus_L", "Caudate_L"}
+    assert metadata.cases[1]["lengths"]["Caudate_L"]["span_mm"] == pytest.approx(3 * slice_mm, abs=1e-3)
     assert metadata.lineage is None and metadata.generation == 0
     assert metadata.history() == "learned from 2 volumes (a.nrrd, b.nrrd)"
 

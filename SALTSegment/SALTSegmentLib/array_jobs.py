@@ -10,15 +10,17 @@ the benchmarks measure exactly what the CLI runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from .adapter_file import LoadedAdapter
 from .adapters import merge_adapters
 from .models import PromptableSegmenter
 from .preprocessing import IntensityMapping
 from .prompts import SegmentPrompts
+from .structure_length import DrawnLength, drawn_lengths, lengths_from_records
 from .propagation import PropagationConfig, PropagationProgress, PropagationResult, VolumePropagator
 from .training import FewShotData, FewShotTrainer, StepReport, TrainingConfig, TrainingResult, WarmStart
 from .volume_io import Segment
@@ -28,12 +30,24 @@ StopCheck = Optional[Callable[[], bool]]
 
 @dataclass
 class AdaptedModel:
-    """What propagation needs: the adapted model, one learned prompt per segment, the intensity mapping."""
+    """What propagation needs: the adapted model, one learned prompt per segment, the intensity mapping.
+
+    ``lengths``: how long each segment was drawn in the training cases
+    (:mod:`structure_length`), which bounds a walk from a single drawn slice.
+    """
 
     model: PromptableSegmenter
     prompts: SegmentPrompts
     segments: list[Segment]
     intensity: IntensityMapping
+    lengths: list[dict[str, DrawnLength]] = field(default_factory=list)
+
+    @classmethod
+    def from_file(cls, loaded: LoadedAdapter, segments: Optional[list[Segment]] = None) -> "AdaptedModel":
+        """An adapter read from its file; ``segments`` as matched to a volume (default: the adapter's own)."""
+        metadata = loaded.metadata
+        return cls(loaded.model, loaded.prompts, segments if segments is not None else metadata.segment_list,
+                   metadata.intensity_mapping, lengths_from_records(metadata.cases))
 
 
 @dataclass
@@ -42,8 +56,10 @@ class FineTuned:
     result: TrainingResult
 
     def adapted(self) -> AdaptedModel:
+        lengths = [drawn_lengths(case.labels, case.segments, case.axis, slices, case.spacing)
+                   for case, slices in zip(self.trainer.cases, self.trainer.case_slices)]
         return AdaptedModel(self.trainer.model, self.trainer.prompts, self.trainer.segments,
-                            self.trainer.data.intensity)
+                            self.trainer.data.intensity, lengths)
 
 
 def fine_tune(model: PromptableSegmenter, cases: FewShotData | Sequence[FewShotData], config: TrainingConfig,
@@ -74,5 +90,6 @@ def propagate(adapted: AdaptedModel, image: np.ndarray, spacing: Sequence[float]
     """
     if adapted.model is not None:
         merge_adapters(adapted.model)
-    propagator = VolumePropagator(adapted.model, adapted.prompts, adapted.segments, adapted.intensity, axis, config)
+    propagator = VolumePropagator(adapted.model, adapted.prompts, adapted.segments, adapted.intensity, axis, config,
+                                  adapted.lengths)
     return propagator.run(image, spacing, drawn, list(labelled), on_progress, should_stop)

@@ -30,7 +30,7 @@ from scipy import ndimage
 
 from . import preprocessing as pp
 from .appearance import SegmentAppearance, build_appearance
-from .extent import (END_DRAWN, END_EDGE, END_RANGE, END_SPACING, SegmentEnd, SegmentExtent, WalkStep, decide_end,
+from .extent import (END_DRAWN, END_EDGE, END_RANGE, SegmentEnd, SegmentExtent, WalkStep, decide_end,
                      spacing_limit)
 from .interpolation import interpolate_segment
 from .slices import array_axis
@@ -138,7 +138,7 @@ class BoxPropagation:
             if known is not None:
                 ends.append(known)
                 continue
-            end, maps = self._walk_to_end(k, drawn, present, labelled, direction)
+            end, maps = self._walk_to_end(k, name, drawn, present, labelled, direction)
             ends.append(end)
             walked.update(maps)
         extent = SegmentExtent(name, ends[0], ends[1])
@@ -163,8 +163,8 @@ class BoxPropagation:
             blended = weight * probabilities + (1 - weight) * soft_mask(pp.take_slice(shape, self.axis, index))
             pp.put_slice(shape, self.axis, index, blended > self.config.threshold)
 
-    def _walk_to_end(self, k: int, drawn: np.ndarray, present: list[int], labelled: list[int], direction: int
-                     ) -> tuple[SegmentEnd, dict[int, np.ndarray]]:
+    def _walk_to_end(self, k: int, name: str, drawn: np.ndarray, present: list[int], labelled: list[int],
+                     direction: int) -> tuple[SegmentEnd, dict[int, np.ndarray]]:
         """Walk from the outermost drawn slice towards ``direction``; decide where the segment ends.
 
         Returns the end and the model's probability maps on the slices up to it.
@@ -185,8 +185,10 @@ class BoxPropagation:
             limit, hard_reason = range_edge, END_RANGE
         seed = pp.take_slice(drawn, self.axis, outermost)
         row_spacing, col_spacing = pp.slice_pixel_spacing(self.spacing, self.axis)
-        bound = spacing_limit(rule, present, int(seed.sum()), row_spacing * col_spacing,
-                              pp.slice_spacing(self.spacing, self.axis))
+        widest = max(int(pp.take_slice(drawn, self.axis, i).sum()) for i in present)
+        bound, bound_reason = spacing_limit(rule, present, int(seed.sum()), row_spacing * col_spacing,
+                                            pp.slice_spacing(self.spacing, self.axis),
+                                            self.propagator.reach_per_radius.get(name), widest)
         reachable = abs(limit - outermost)
         path = [outermost + direction * d for d in range(1, min(bound, reachable) + 1)]
         walk: list[WalkStep] = []
@@ -207,7 +209,7 @@ class BoxPropagation:
             if not mask.any():
                 break
             previous = mask
-        end = decide_end(rule, outermost, walk, int(seed.sum()), END_SPACING if bound < reachable else hard_reason)
+        end = decide_end(rule, outermost, walk, int(seed.sum()), bound_reason if bound < reachable else hard_reason)
         return end, {index: maps[index] for index in path[:end.beyond_drawn]}
 
 

@@ -33,6 +33,8 @@ END_EMPTY = "the model found nothing"
 END_SHRANK = "the region shrank to a sliver"
 END_APPEARANCE = "the region stopped looking like the drawn structure"
 END_SPACING = "the spacing of the drawn slices bounds it"
+END_SIZE = "the drawn region's size bounds it"
+END_LENGTH = "its length in the adapter's training cases bounds it"
 
 
 @dataclass(frozen=True)
@@ -103,14 +105,33 @@ def equivalent_radius_slices(area_pixels: int, pixel_area_mm2: float, slice_spac
 
 
 def spacing_limit(rule: ExtentRule, drawn: Sequence[int], end_area: int, pixel_area_mm2: float,
-                  slice_spacing_mm: float) -> int:
-    """Slices past the outermost drawn one the evidence may reach (soft bound, at least 1)."""
+                  slice_spacing_mm: float, known_reach_per_radius: Optional[float] = None,
+                  widest_area: Optional[int] = None) -> tuple[int, str]:
+    """Slices past the outermost drawn one the evidence may reach (soft bound, at least 1), and why.
+
+    From the user's drawing: ``spacing_bound`` x the label gap with two drawn
+    slices or more; with one, ``radius_bound`` x the drawn region's radius (a
+    round lesion's reach). When the adapter's training cases measured the
+    structure's length (``known_reach_per_radius``, :mod:`structure_length`),
+    the bound is at least that length: half of it each side of the drawn
+    slices' middle, scaled by this structure's widest drawn cross-section
+    (``widest_area``, default ``end_area``). A site adapter so knows that a
+    caudate drawn on one slice runs far past it, where a lone slice or two
+    close ones say little.
+    """
     spacing = label_spacing(drawn)
-    if spacing is None:
-        reach = rule.radius_bound * equivalent_radius_slices(end_area, pixel_area_mm2, slice_spacing_mm)
+    if spacing is not None:
+        reach, reason = rule.spacing_bound * spacing, END_SPACING
     else:
-        reach = rule.spacing_bound * spacing
-    return max(1, int(round(reach)))
+        radius = equivalent_radius_slices(end_area, pixel_area_mm2, slice_spacing_mm)
+        reach, reason = rule.radius_bound * radius, END_SIZE
+    if known_reach_per_radius is not None:
+        widest = equivalent_radius_slices(widest_area if widest_area is not None else end_area, pixel_area_mm2,
+                                          slice_spacing_mm)
+        known = known_reach_per_radius * widest - (max(drawn) - min(drawn)) / 2
+        if round(known) > round(reach):     # the same length measured from the same drawing changes nothing
+            reach, reason = known, END_LENGTH
+    return max(1, int(round(reach))), reason
 
 
 def decide_end(rule: ExtentRule, outermost: int, walk: Sequence[WalkStep], end_area: int,

@@ -34,6 +34,7 @@ from .propagation import (MODES_NEEDING_LABELS, PropagationConfig, PropagationIn
 from .training import (FewShotData, FewShotTrainer, StepReport, TrainingConfig, TrainingInputError, TrainingResult,
                        WarmStart, check_training_cases, merge_segments)
 from .host.adapter_metadata import case_record, file_sha256, lineage_record
+from .structure_length import drawn_lengths, lengths_to_record
 from .segment_matching import SegmentMatch, match_segments
 from .volume_io import (Segment, VolumeGeometry, read_image, read_label_map, read_volume_info, require_3d_scalar,
                         unlisted_label_values, write_label_map)
@@ -415,7 +416,8 @@ def _case_records(cases: list[TrainCase], datas: list[FewShotData], case_slices:
     for case, data, slices in zip(cases, datas, case_slices):
         stack = np.stack([pp.take_slice(data.labels, data.axis, s) for s in slices])
         held = [s.name for s in data.segments if (stack == s.label).any()]
-        records.append(case_record(Path(case.image).name, file_sha256(case.image), slices, held, generation))
+        lengths = lengths_to_record(drawn_lengths(data.labels, data.segments, data.axis, slices, data.spacing))
+        records.append(case_record(Path(case.image).name, file_sha256(case.image), slices, held, generation, lengths))
     return records
 
 
@@ -575,7 +577,7 @@ def _propagate_locked(job: PropagateJob, out: Path, loaded, on_progress, should_
             return PropagateOutcome(out, PropagationResult(np.zeros(0, np.uint16), [], 0.0, True), segments, labelled,
                                     memory_estimate=memory)
         loaded = load_adapter(job.adapter, weights=job.weights)
-    adapted = AdaptedModel(loaded.model, loaded.prompts, segments, metadata.intensity_mapping)
+    adapted = AdaptedModel.from_file(loaded, segments)
     result = propagate(adapted, image, geometry.spacing, axis, job.config, user_labels, labelled, on_progress,
                        should_stop)
     if not result.interrupted and should_stop is not None and should_stop():

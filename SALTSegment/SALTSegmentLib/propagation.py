@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from .box_mode import BoxPropagation, PropagationStopped, compose_label_map
 from .estimate import QualityEstimate, SliceSuggestion, leave_one_out, suggest_next_slices
 from .devices import autocast, autocast_dtype, resolve_device
 from .extent import ExtentRule, SegmentExtent
+from .structure_length import DrawnLength, reach_per_radius
 from .host.choices import PROPAGATION_MODES
 from .interpolation import fill_between_slices
 from .label_layers import flatten_layers, segment_mask, spatial_shape
@@ -93,7 +94,7 @@ class VolumePropagator:
 
     def __init__(self, model: Optional[PromptableSegmenter], prompts: Optional[SegmentPrompts],
                  segments: list[Segment], intensity: pp.IntensityMapping, axis: str,
-                 config: PropagationConfig) -> None:
+                 config: PropagationConfig, lengths: Sequence[Mapping[str, DrawnLength]] = ()) -> None:
         if config.mode not in MODES:
             raise PropagationInputError(f"Unknown propagation mode '{config.mode}'; choose {', '.join(MODES)}")
         if model is None and config.mode != "interpolate":
@@ -104,6 +105,8 @@ class VolumePropagator:
         self.tokens = prompts.tokens.detach().to(self.device) if prompts is not None else None
         self.segments = segments
         self.intensity = intensity
+        # How far each segment reaches from a single drawn slice, from its training cases (structure_length).
+        self.reach_per_radius = reach_per_radius(lengths, config.extent.spacing_bound)
         self.axis = axis
         self.config = config
 

@@ -164,10 +164,7 @@ def _fresh(case: BenchCase, drawn: np.ndarray, labelled: list[int], method: str,
 
 def _site_propagation(adapter: Path, case: BenchCase, drawn: np.ndarray,
                       labelled: list[int]) -> tuple[np.ndarray, float]:
-    loaded = load_adapter(adapter)
-    adapted = AdaptedModel(loaded.model, loaded.prompts, loaded.metadata.segment_list,
-                           loaded.metadata.intensity_mapping)
-    return _propagate(adapted, case, drawn, labelled)
+    return _propagate(AdaptedModel.from_file(load_adapter(adapter)), case, drawn, labelled)
 
 
 def merge_site_results(parts: Sequence[SiteResults]) -> SiteResults:

@@ -108,13 +108,15 @@ class AdapterMetadata:
 
 
 def case_record(name: str, sha256: str, labelled_slices: list[int], segments: list[str],
-                generation: int = 0) -> dict:
+                generation: int = 0, lengths: Optional[dict[str, dict]] = None) -> dict:
     """A volume an adapter learned from: its file name, the sha256 of the image, the slices and segments used.
 
-    ``generation`` is the lineage generation of the adapter that added it.
+    ``generation`` is the lineage generation of the adapter that added it;
+    ``lengths`` how long each segment was drawn (``structure_length``), which
+    a one-slice propagation with this adapter uses as a bound.
     """
     return {"name": name, "sha256": sha256, "labelled_slices": [int(s) for s in labelled_slices],
-            "segments": list(segments), "generation": int(generation)}
+            "segments": list(segments), "generation": int(generation), "lengths": dict(lengths or {})}
 
 
 def lineage_record(parent_sha256: str, parent: "AdapterMetadata", cases_added: list[str],
@@ -344,7 +346,20 @@ def _case_problems(cases: Any) -> list[str]:
             problems.append(f"{what} lists segments that are not names")
         if not (_is_int(case.get("generation", 0)) and case.get("generation", 0) >= 0):
             problems.append(f"{what} has generation {case.get('generation')!r}, not a whole number")
+        problems += [f"{what} {p}" for p in _length_problems(case.get("lengths", {}))]
     return problems
+
+
+LENGTH_KEYS = ("span_mm", "gap_mm", "radius_mm")
+
+
+def _length_problems(lengths: Any) -> list[str]:
+    """A case's drawn structure lengths (structure_length.py): millimetre values per segment."""
+    if not isinstance(lengths, dict):
+        return ["keeps structure lengths that are not a table of values"]
+    return [f"keeps a length of {name!r} that is not {', '.join(LENGTH_KEYS)} in millimetres"
+            for name, values in lengths.items()
+            if not isinstance(values, dict) or not all(_is_number(values.get(k)) and values[k] >= 0 for k in LENGTH_KEYS)]
 
 
 def _lineage_problems(lineage: Any) -> list[str]:
