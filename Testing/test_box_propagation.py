@@ -120,6 +120,7 @@ def test_the_estimate_compares_with_fill_between_slices_on_the_same_hidden_slice
     assert "expected Dice on unlabelled slices between drawn ones" in estimate.describe()
     for suggestion in box_result.suggestions:
         assert suggestion.slice not in DRAWN and suggestion.segment in KEEP
+        assert suggestion.describe().startswith(f"{suggestion.segment}: draw slice {suggestion.slice} next (")
 
 
 def test_a_range_between_drawn_slices_is_filled_from_seeds_outside_it(lite_medsam, prompts, crop):

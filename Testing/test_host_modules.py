@@ -191,6 +191,9 @@ def test_propagation_findings_read_from_a_result_summary():
     findings = PropagationFindings.from_summary(summary)
     assert findings.extents == ["Liver: slices 3-40 (first: x; last: y)"]
     assert findings.next_slices == [NextSlice("Liver", 22, "widest gap")]
+    assert PropagationFindings.from_summary({"suggested_slices": [n.to_dict() for n in findings.next_slices]}) \
+        .next_slices == findings.next_slices                       # what the engine writes, the host reads back
+    assert findings.next_slices[0].describe() == "Liver: draw slice 22 next (widest gap)"
     assert findings.status_line() == "Expected Dice on unlabelled slices: 0.81; Fill between slices: 0.74."
     nothing = PropagationFindings.from_summary(None)
     assert nothing.extents == [] and nothing.estimate is None and nothing.status_line() == ""

@@ -28,6 +28,7 @@ import numpy as np
 from . import preprocessing as pp
 from .box_mode import BoxPropagation, SegmentResult
 from .extent import END_DRAWN, END_EDGE, END_RANGE
+from .host.propagation_findings import NextSlice
 from .interpolation import interpolate_segment
 from .metrics import dice
 from .volume_io import Segment
@@ -106,21 +107,8 @@ def leave_one_out(run: BoxPropagation, segments: Sequence[Segment], user_labels:
     return estimate
 
 
-@dataclass
-class SliceSuggestion:
-    segment: str
-    slice: int
-    reason: str
-
-    def describe(self) -> str:
-        return f"{self.segment}: draw slice {self.slice} next ({self.reason})"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def suggest_next_slices(segments: Sequence[Segment], user_labels: np.ndarray, labelled: Sequence[int],
-                        results: Sequence[Optional[SegmentResult]], axis: str) -> list[SliceSuggestion]:
+                        results: Sequence[Optional[SegmentResult]], axis: str) -> list[NextSlice]:
     """Per segment, the unlabelled slice whose drawing removes the most uncertainty.
 
     Candidates, scored by the slices they leave to guesswork: the middle of
@@ -148,5 +136,5 @@ def suggest_next_slices(segments: Sequence[Segment], user_labels: np.ndarray, la
         candidates = [c for c in candidates if c[1] not in labelled_set]
         if candidates:
             _, index, reason = max(candidates, key=lambda c: c[0])
-            suggestions.append(SliceSuggestion(segment.name, int(index), reason))
+            suggestions.append(NextSlice(segment.name, int(index), reason))
     return suggestions

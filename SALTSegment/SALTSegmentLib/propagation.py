@@ -33,7 +33,8 @@ from scipy import ndimage
 
 from . import preprocessing as pp
 from .box_mode import BoxPropagation, PropagationStopped, compose_label_map
-from .estimate import QualityEstimate, SliceSuggestion, leave_one_out, suggest_next_slices
+from .estimate import QualityEstimate, leave_one_out, suggest_next_slices
+from .host.propagation_findings import NextSlice
 from .devices import autocast, autocast_dtype, resolve_device
 from .extent import ExtentRule, SegmentExtent
 from .structure_length import DrawnLength, reach_per_radius
@@ -85,7 +86,7 @@ class PropagationResult:
     interrupted: bool = False
     extents: list[SegmentExtent] = field(default_factory=list)
     estimate: Optional[QualityEstimate] = None
-    suggestions: list[SliceSuggestion] = field(default_factory=list)
+    suggestions: list[NextSlice] = field(default_factory=list)
     segment_masks: Optional[list[Optional[np.ndarray]]] = None   # box mode: each segment's voxels, overlaps kept
 
 
@@ -228,7 +229,7 @@ class VolumePropagator:
 
     # ------------------------------------------------------------------ box
     def _run_box(self, volume01, geometry, user_labels, labelled, indices, spacing, report, should_stop
-                 ) -> tuple[np.ndarray, list[SegmentExtent], Optional[QualityEstimate], list[SliceSuggestion],
+                 ) -> tuple[np.ndarray, list[SegmentExtent], Optional[QualityEstimate], list[NextSlice],
                             list[Optional[np.ndarray]]]:
         run = BoxPropagation(self, volume01, geometry, spacing, indices, should_stop)
         steps = len(self.segments) * (2 if self.config.estimate else 1)

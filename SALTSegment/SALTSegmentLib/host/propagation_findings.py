@@ -14,14 +14,21 @@ from typing import Any, Optional
 
 @dataclass(frozen=True)
 class NextSlice:
-    """A slice the user should draw next for one segment, and why it helps most."""
+    """A slice the user should draw next for one segment, and why it helps most.
+
+    Made by the engine (``estimate.suggest_next_slices``) and read back here
+    from the result event: one class on both sides of the worker boundary.
+    """
 
     segment: str
     slice: int
     reason: str
 
     def describe(self) -> str:
-        return f"{self.segment}: slice {self.slice} ({self.reason})"
+        return f"{self.segment}: draw slice {self.slice} next ({self.reason})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"segment": self.segment, "slice": self.slice, "reason": self.reason}
 
 
 @dataclass(frozen=True)
