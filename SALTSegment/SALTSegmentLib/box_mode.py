@@ -185,10 +185,11 @@ class BoxPropagation:
             limit, hard_reason = range_edge, END_RANGE
         seed = pp.take_slice(drawn, self.axis, outermost)
         row_spacing, col_spacing = pp.slice_pixel_spacing(self.spacing, self.axis)
-        widest = max(int(pp.take_slice(drawn, self.axis, i).sum()) for i in present)
+        known_reach = self.propagator.reach_per_radius.get(name)
+        widest = (max(int(pp.take_slice(drawn, self.axis, i).sum()) for i in present)
+                  if known_reach is not None else None)   # only a known length is scaled by it
         bound, bound_reason = spacing_limit(rule, present, int(seed.sum()), row_spacing * col_spacing,
-                                            pp.slice_spacing(self.spacing, self.axis),
-                                            self.propagator.reach_per_radius.get(name), widest)
+                                            pp.slice_spacing(self.spacing, self.axis), known_reach, widest)
         reachable = abs(limit - outermost)
         path = [outermost + direction * d for d in range(1, min(bound, reachable) + 1)]
         walk: list[WalkStep] = []

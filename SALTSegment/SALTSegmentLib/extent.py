@@ -99,9 +99,14 @@ def label_spacing(drawn: Sequence[int]) -> Optional[float]:
     return float(max(b - a for a, b in zip(drawn[:-1], drawn[1:])))
 
 
+def equivalent_radius_mm(area_pixels: int, pixel_area_mm2: float) -> float:
+    """In-plane radius of a drawn region taken as a disc of the same area, in millimetres."""
+    return math.sqrt(max(area_pixels, 0) * pixel_area_mm2 / math.pi)
+
+
 def equivalent_radius_slices(area_pixels: int, pixel_area_mm2: float, slice_spacing_mm: float) -> float:
     """In-plane radius of a drawn region (as a disc), in slices: a round structure's reach along the axis."""
-    return math.sqrt(max(area_pixels, 0) * pixel_area_mm2 / math.pi) / slice_spacing_mm
+    return equivalent_radius_mm(area_pixels, pixel_area_mm2) / slice_spacing_mm
 
 
 def spacing_limit(rule: ExtentRule, drawn: Sequence[int], end_area: int, pixel_area_mm2: float,

@@ -21,13 +21,13 @@ end. The median over cases keeps one odd case from deciding.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from . import preprocessing as pp
+from .extent import equivalent_radius_mm, label_spacing
 from .volume_io import Segment
 
 
@@ -59,9 +59,9 @@ def drawn_lengths(labels: np.ndarray, segments: Sequence[Segment], axis: str, la
         present = [i for i, area in areas.items() if area > 0]
         if len(present) < 2:
             continue
-        gap = max(b - a for a, b in zip(present[:-1], present[1:]))
-        radius = math.sqrt(max(areas[i] for i in present) * row_mm * col_mm / math.pi)
-        lengths[segment.name] = DrawnLength((present[-1] - present[0]) * slice_mm, gap * slice_mm, radius)
+        radius = equivalent_radius_mm(max(areas[i] for i in present), row_mm * col_mm)
+        lengths[segment.name] = DrawnLength((present[-1] - present[0]) * slice_mm, label_spacing(present) * slice_mm,
+                                            radius)
     return lengths
 
 
