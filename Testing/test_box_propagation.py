@@ -186,7 +186,6 @@ def test_one_drawn_slice_reaches_as_far_as_the_adapters_training_cases_drew_the_
     long_caudate = {"Caudate_L": DrawnLength(span_mm=8 * radius, gap_mm=0.0, radius_mm=radius)}   # 4 radii each way
     knowing = VolumePropagator(lite_medsam, prompts, segments, pp.parse_intensity("auto", image), "k",
                                plain.config, lengths=[long_caudate])
-    assert knowing.reach_per_radius == {"Caudate_L": pytest.approx(4.0)}
     with_length = knowing.run(image, spacing, one, [DRAWN[1]])
     before = next(e for e in without.extents if e.name == "Caudate_L")
     after = next(e for e in with_length.extents if e.name == "Caudate_L")
@@ -198,3 +197,30 @@ def test_one_drawn_slice_reaches_as_far_as_the_adapters_training_cases_drew_the_
     # The thalamus, which no training case measured, still reaches only as far as its drawn size says.
     thalamus = [next(e for e in r.extents if e.name == "Thalamus_L") for r in (without, with_length)]
     assert thalamus[0].to_dict() == thalamus[1].to_dict()
+
+
+def test_an_adapter_trained_on_this_drawing_walks_as_if_it_knew_no_length(lite_medsam, prompts, crop, one_thread):
+    """The usual train-then-propagate: the adapter's only record is this drawing, so the drawing's bounds hold.
+
+    Another patient's record of the same structure, twice as long, does move the ends: the bound is what decides
+    here (three close slices in the middle of the crop, a walk stopped only by emptiness).
+    """
+    from SALTSegmentLib.structure_length import DrawnLength, drawn_lengths, lengths_from_records, lengths_to_record
+
+    image, spacing, reference, _, segments = crop
+    middle = [6, 8, 10]
+    drawn = np.zeros_like(reference)
+    drawn[middle] = reference[middle]
+    own = lengths_from_records([{"lengths": lengths_to_record(drawn_lengths(drawn, segments, "k", middle, spacing))}])
+    assert set(own[0]) == {"Thalamus_L", "Caudate_L"}
+    longer = [{name: DrawnLength(2 * length.span_mm, length.gap_mm, length.radius_mm)
+               for name, length in own[0].items()}]
+    only_emptiness = ExtentRule(min_similarity=0.0, min_area_ratio=0.0)
+    runs = [VolumePropagator(lite_medsam, prompts, segments, pp.parse_intensity("auto", image), "k",
+                             PropagationConfig(mode="box", extent=only_emptiness, estimate=False),
+                             lengths=lengths).run(image, spacing, drawn, middle)
+            for lengths in ([], own, longer)]
+    plain, trained_here, other_patient = ([e.to_dict() for e in r.extents] for r in runs)
+    assert trained_here == plain
+    np.testing.assert_array_equal(runs[1].labels, runs[0].labels)
+    assert other_patient != plain

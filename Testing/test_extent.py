@@ -49,16 +49,27 @@ def test_spacing_limit_uses_the_gap_or_a_single_slice_radius():
     assert spacing_limit(RULE, [33], 1, 1.0, 5.0) == (1, END_SIZE)          # never less than one slice
 
 
-def test_the_training_cases_length_of_a_structure_extends_a_bound_that_the_drawing_leaves_short():
+def test_the_training_cases_length_of_a_structure_bounds_the_walks():
     # The training cases drew it four radii long each way: one slice of radius 2 slices reaches 8.
     assert spacing_limit(RULE, [33], 314, 1.0, 5.0, known_reach_per_radius=4.0) == (8, END_LENGTH)
     # Two close slices (gap 2) of a structure of widest radius 2 slices: 8 from their middle, 7 past the last.
     assert spacing_limit(RULE, [30, 32], 100, 1.0, 5.0, known_reach_per_radius=4.0, widest_area=314) \
         == (7, END_LENGTH)
-    # Where the user's own spacing reaches further, it decides.
-    assert spacing_limit(RULE, [20, 40], 314, 1.0, 5.0, known_reach_per_radius=4.0) == (20, END_SPACING)
-    # A structure as short as its drawn slices say: the drawing's bound, not a shorter one.
-    assert spacing_limit(RULE, [30, 32], 314, 1.0, 5.0, known_reach_per_radius=0.1) == (2, END_SPACING)
+    # Drawn slices that already span the known length: the structure ends at them (a walk still takes one slice).
+    assert spacing_limit(RULE, [20, 40], 314, 1.0, 5.0, known_reach_per_radius=4.0) == (1, END_LENGTH)
+    assert spacing_limit(RULE, [30, 32], 314, 1.0, 5.0, known_reach_per_radius=0.1) == (1, END_LENGTH)
+
+
+def test_a_known_length_replaces_the_drawings_guess_and_is_shared_by_the_radius_drawn_at_each_end():
+    # Drawn on slices 10 and 30 (the drawing alone would reach 20 past each); known 8 radii of 2 slices each way:
+    # 32 slices long, 12 of them beyond the drawn ones.
+    assert spacing_limit(RULE, [10, 30], 314, 1.0, 5.0, known_reach_per_radius=8.0) == (6, END_LENGTH)
+    # Drawn a quarter as wide at this end (half the radius) as at the other: a third of the 12 here, two thirds there.
+    here = spacing_limit(RULE, [10, 30], 100, 1.0, 5.0, known_reach_per_radius=8.0, widest_area=314,
+                         other_end_area=400)
+    there = spacing_limit(RULE, [10, 30], 400, 1.0, 5.0, known_reach_per_radius=8.0, widest_area=314,
+                          other_end_area=100)
+    assert (here, there) == ((4, END_LENGTH), (8, END_LENGTH))
 
 
 def test_the_shape_closes_just_past_each_end_even_at_the_edge_of_the_volume():

@@ -40,6 +40,18 @@ def test_reach_per_radius_is_the_median_half_length_over_cases_in_radii():
     assert reach_per_radius([], spacing_bound=0.5) == {}
 
 
+def test_a_record_of_the_drawing_being_propagated_is_left_out():
+    """An adapter trained on this very drawing records its length; that says nothing the drawing does not."""
+    drawing = drawn_lengths(_labels(), SEGMENTS, "k", [6, 12, 18], (0.5, 0.5, 2.0))
+    recorded = lengths_from_records([{"lengths": lengths_to_record(drawing)}])     # rounded as a file keeps it
+    other = {"Long": DrawnLength(40.0, 10.0, 3.0)}                                   # another patient
+    assert reach_per_radius(recorded, spacing_bound=0.5, drawing=drawing) == {}
+    assert reach_per_radius(recorded + [other], spacing_bound=0.5, drawing=drawing) \
+        == {"Long": pytest.approx(25 / 3)}
+    alone = reach_per_radius(recorded, spacing_bound=0.5)
+    assert alone == {"Long": pytest.approx(18 / drawing["Long"].radius_mm, rel=1e-3)}
+
+
 def test_lengths_travel_in_the_case_records_and_are_checked():
     lengths = drawn_lengths(_labels(), SEGMENTS, "k", [6, 12, 18], (0.5, 0.5, 2.0))
     record = case_record("a.nrrd", "0" * 64, [6, 12, 18], ["Long", "Once"], lengths=lengths_to_record(lengths))

@@ -33,6 +33,7 @@ from .appearance import SegmentAppearance, build_appearance
 from .extent import (END_DRAWN, END_EDGE, END_RANGE, SegmentEnd, SegmentExtent, WalkStep, decide_end,
                      spacing_limit)
 from .interpolation import interpolate_segment
+from .structure_length import drawn_length, reach_per_radius
 from .slices import array_axis
 
 
@@ -163,6 +164,22 @@ class BoxPropagation:
             blended = weight * probabilities + (1 - weight) * soft_mask(pp.take_slice(shape, self.axis, index))
             pp.put_slice(shape, self.axis, index, blended > self.config.threshold)
 
+    def _pixel_area_mm2(self) -> float:
+        row_spacing, col_spacing = pp.slice_pixel_spacing(self.spacing, self.axis)
+        return row_spacing * col_spacing
+
+    def _known_reach(self, name: str, areas: dict[int, int]) -> Optional[float]:
+        """How far the adapter's training cases say ``name`` reaches, in radii; None if they never measured it.
+
+        ``areas`` (the segment's drawn area per drawn slice) identify a record
+        of this very drawing, which is left out (:func:`reach_per_radius`).
+        """
+        if not self.propagator.lengths:
+            return None
+        drawing = drawn_length(areas, pp.slice_spacing(self.spacing, self.axis), self._pixel_area_mm2())
+        return reach_per_radius(self.propagator.lengths, self.config.extent.spacing_bound,
+                                {name: drawing} if drawing is not None else None).get(name)
+
     def _walk_to_end(self, k: int, name: str, drawn: np.ndarray, present: list[int], labelled: list[int],
                      direction: int) -> tuple[SegmentEnd, dict[int, np.ndarray]]:
         """Walk from the outermost drawn slice towards ``direction``; decide where the segment ends.
@@ -184,12 +201,10 @@ class BoxPropagation:
         if (limit - range_edge) * direction > 0:
             limit, hard_reason = range_edge, END_RANGE
         seed = pp.take_slice(drawn, self.axis, outermost)
-        row_spacing, col_spacing = pp.slice_pixel_spacing(self.spacing, self.axis)
-        known_reach = self.propagator.reach_per_radius.get(name)
-        widest = (max(int(pp.take_slice(drawn, self.axis, i).sum()) for i in present)
-                  if known_reach is not None else None)   # only a known length is scaled by it
-        bound, bound_reason = spacing_limit(rule, present, int(seed.sum()), row_spacing * col_spacing,
-                                            pp.slice_spacing(self.spacing, self.axis), known_reach, widest)
+        areas = {i: int(pp.take_slice(drawn, self.axis, i).sum()) for i in present}
+        bound, bound_reason = spacing_limit(rule, present, areas[outermost], self._pixel_area_mm2(),
+                                            pp.slice_spacing(self.spacing, self.axis), self._known_reach(name, areas),
+                                            max(areas.values()), areas[present[-1] if direction < 0 else present[0]])
         reachable = abs(limit - outermost)
         path = [outermost + direction * d for d in range(1, min(bound, reachable) + 1)]
         walk: list[WalkStep] = []

@@ -111,18 +111,26 @@ def equivalent_radius_slices(area_pixels: int, pixel_area_mm2: float, slice_spac
 
 def spacing_limit(rule: ExtentRule, drawn: Sequence[int], end_area: int, pixel_area_mm2: float,
                   slice_spacing_mm: float, known_reach_per_radius: Optional[float] = None,
-                  widest_area: Optional[int] = None) -> tuple[int, str]:
+                  widest_area: Optional[int] = None, other_end_area: Optional[int] = None) -> tuple[int, str]:
     """Slices past the outermost drawn one the evidence may reach (soft bound, at least 1), and why.
 
     From the user's drawing: ``spacing_bound`` x the label gap with two drawn
     slices or more; with one, ``radius_bound`` x the drawn region's radius (a
-    round lesion's reach). When the adapter's training cases measured the
-    structure's length (``known_reach_per_radius``, :mod:`structure_length`),
-    the bound is at least that length: half of it each side of the drawn
-    slices' middle, scaled by this structure's widest drawn cross-section
-    (``widest_area``, default ``end_area``). A site adapter so knows that a
-    caudate drawn on one slice runs far past it, where a lone slice or two
-    close ones say little.
+    round lesion's reach). When other drawings of the structure measured its
+    length (``known_reach_per_radius`` radii each side of its middle, from
+    an adapter's training cases, :mod:`structure_length`; scaled by the
+    widest region drawn here, ``widest_area``, default ``end_area``), that
+    length replaces the drawing's guess. What it leaves beyond the drawn
+    slices (nothing if they span it already) is shared between the two ends
+    by the radius of the region drawn at each (``end_area`` here,
+    ``other_end_area`` at the other end, default the same): a structure
+    drawn small at one end is near its tip there, one drawn wide runs on.
+    ``scripts/extent_study.py`` measures the rules on atlas structures drawn
+    evenly, near the ends or at random inside them: with the length known to
+    20%, sharing by radius puts 0.69 / 0.84 / 0.60 of the ends within two
+    slices of the truth, sharing evenly 0.72 / 0.82 / 0.55, the drawing's
+    own guess 0.76 / 0.37 / 0.44 (known exactly, by radius: 0.91 / 0.99 /
+    0.71). A known length wins wherever the user does not draw evenly.
     """
     spacing = label_spacing(drawn)
     if spacing is not None:
@@ -133,9 +141,10 @@ def spacing_limit(rule: ExtentRule, drawn: Sequence[int], end_area: int, pixel_a
     if known_reach_per_radius is not None:
         widest = equivalent_radius_slices(widest_area if widest_area is not None else end_area, pixel_area_mm2,
                                           slice_spacing_mm)
-        known = known_reach_per_radius * widest - (max(drawn) - min(drawn)) / 2
-        if round(known) > round(reach):     # the same length measured from the same drawing changes nothing
-            reach, reason = known, END_LENGTH
+        beyond = max(2 * known_reach_per_radius * widest - (max(drawn) - min(drawn)), 0.0)   # both ends together
+        here = math.sqrt(max(end_area, 0))
+        there = math.sqrt(max(other_end_area if other_end_area is not None else end_area, 0))
+        reach, reason = beyond * (here / (here + there) if here + there > 0 else 0.5), END_LENGTH
     return max(1, int(round(reach))), reason
 
 

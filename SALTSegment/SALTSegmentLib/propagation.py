@@ -37,7 +37,7 @@ from .estimate import QualityEstimate, leave_one_out, suggest_next_slices
 from .host.propagation_findings import NextSlice
 from .devices import autocast, autocast_dtype, resolve_device
 from .extent import ExtentRule, SegmentExtent
-from .structure_length import DrawnLength, reach_per_radius
+from .structure_length import DrawnLength
 from .host.choices import PROPAGATION_MODES
 from .interpolation import fill_between_slices
 from .label_layers import flatten_layers, segment_mask, spatial_shape
@@ -106,8 +106,8 @@ class VolumePropagator:
         self.tokens = prompts.tokens.detach().to(self.device) if prompts is not None else None
         self.segments = segments
         self.intensity = intensity
-        # How far each segment reaches from a single drawn slice, from its training cases (structure_length).
-        self.reach_per_radius = reach_per_radius(lengths, config.extent.spacing_bound)
+        # How long each segment was drawn in the adapter's training cases (structure_length, box mode's walks).
+        self.lengths = list(lengths)
         self.axis = axis
         self.config = config
 

@@ -16,13 +16,17 @@ propagation, :func:`reach_per_radius` turns them into one number per segment:
 how many in-plane radii the structure reaches on each side of a drawn slice.
 The estimate of a case's length is the same one the walks use with several
 drawn slices: the drawn span plus ``spacing_bound`` x the label gap at each
-end. The median over cases keeps one odd case from deciding.
+end. The median over cases keeps one odd case from deciding. A record of the
+drawing being propagated (an adapter trained on it, the usual
+train-then-propagate) is left out: it knows nothing the drawing does not.
+The walks then take that length in place of the drawing's own guess, shared
+between the two ends by the radius drawn at each (:func:`extent.spacing_limit`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Iterable, Mapping, Sequence
+from dataclasses import asdict, astuple, dataclass
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -47,6 +51,20 @@ class DrawnLength:
         return cls(float(values["span_mm"]), float(values["gap_mm"]), float(values["radius_mm"]))
 
 
+    def same_drawing(self, other: "DrawnLength") -> bool:
+        """Whether both were measured from one drawing (a record keeps three decimals)."""
+        return all(abs(a - b) < 0.01 for a, b in zip(astuple(self), astuple(other)))
+
+
+def drawn_length(areas: Mapping[int, int], slice_mm: float, pixel_area_mm2: float) -> Optional[DrawnLength]:
+    """One segment from its drawn area on each labelled slice (pixels); None unless drawn on two slices or more."""
+    present = sorted(i for i, area in areas.items() if area > 0)
+    if len(present) < 2:
+        return None
+    radius = equivalent_radius_mm(max(areas[i] for i in present), pixel_area_mm2)
+    return DrawnLength((present[-1] - present[0]) * slice_mm, label_spacing(present) * slice_mm, radius)
+
+
 def drawn_lengths(labels: np.ndarray, segments: Sequence[Segment], axis: str, labelled: Sequence[int],
                   spacing: Sequence[float]) -> dict[str, DrawnLength]:
     """Each segment drawn on two or more of the ``labelled`` slices, measured in millimetres."""
@@ -55,13 +73,10 @@ def drawn_lengths(labels: np.ndarray, segments: Sequence[Segment], axis: str, la
     stack = {i: pp.take_slice(labels, axis, i) for i in sorted(set(labelled))}
     lengths = {}
     for segment in segments:
-        areas = {i: int((plane == segment.label).sum()) for i, plane in stack.items()}
-        present = [i for i, area in areas.items() if area > 0]
-        if len(present) < 2:
-            continue
-        radius = equivalent_radius_mm(max(areas[i] for i in present), row_mm * col_mm)
-        lengths[segment.name] = DrawnLength((present[-1] - present[0]) * slice_mm, label_spacing(present) * slice_mm,
-                                            radius)
+        length = drawn_length({i: int((plane == segment.label).sum()) for i, plane in stack.items()}, slice_mm,
+                              row_mm * col_mm)
+        if length is not None:
+            lengths[segment.name] = length
     return lengths
 
 
@@ -70,16 +85,23 @@ def lengths_to_record(lengths: Mapping[str, DrawnLength]) -> dict[str, dict]:
     return {name: length.to_dict() for name, length in lengths.items()}
 
 
-def reach_per_radius(cases: Iterable[Mapping[str, DrawnLength]], spacing_bound: float) -> dict[str, float]:
+def reach_per_radius(cases: Iterable[Mapping[str, DrawnLength]], spacing_bound: float,
+                     drawing: Optional[Mapping[str, DrawnLength]] = None) -> dict[str, float]:
     """Per segment: how far it reaches each side of a drawn slice, in radii of its widest cross-section.
 
     A case's length is its drawn span plus ``spacing_bound`` x its label gap
     at each end; half of it, over the radius, is that case's ratio; the
     segment's is the median over the cases that drew it on two slices or more.
+    A case measured from ``drawing`` itself (the drawing being propagated,
+    which an adapter trained on it records) is left out: it knows nothing
+    the drawing does not, so the walks keep the drawing's own bound.
     """
+    drawing = drawing or {}
     ratios: dict[str, list[float]] = {}
     for case in cases:
         for name, length in case.items():
+            if name in drawing and length.same_drawing(drawing[name]):
+                continue
             if length.radius_mm > 0:
                 half = length.span_mm / 2 + spacing_bound * length.gap_mm
                 ratios.setdefault(name, []).append(half / length.radius_mm)

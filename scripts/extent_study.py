@@ -1,0 +1,137 @@
+"""Offline, model-free: where does a structure end, given its drawn slices and (perhaps) its length?
+
+Box propagation bounds each walk past the outermost drawn slice
+(``extent.spacing_limit``). With a length known from other drawings of the
+structure (a site adapter's training cases, ``structure_length``), the
+question is how to place that length around the drawn slices. This study
+answers it on real anatomy without any model: every label of the atlases in
+Debian ``mricron-data`` (AAL without the held-out amygdala and pallidum,
+JHU white matter, Harvard-Oxford cortical, Brodmann), on each of the three
+axes, at 1 and 3 mm slices, drawn on 2, 3 or 5 slices placed three ways:
+
+- ``even``: evenly inside the extent, as ``bench quality`` draws;
+- ``inset``: the outer drawn slices 1-3 slices in from the true ends;
+- ``random``: anywhere strictly inside.
+
+For each pair of ends it prints how often each rule lands within two slices
+of the true end, with the known length exact and with 20% (log-normal) error.
+
+    python scripts/extent_study.py [--templates /usr/share/mricron/templates]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from SALTSegmentLib.extent import ExtentRule, spacing_limit
+
+ATLASES = {"aal": ("Amygdala", "Pallidum"),          # held out: never looked at
+           "JHU-WhiteMatter-labels-1mm": (), "HarvardOxford-cort-maxprob-thr0-1mm": (), "brodmann": ()}
+PLACEMENTS = ("even", "inset", "random")
+COUNTS = (2, 3, 5)
+
+
+def label_names(templates: Path, atlas: str) -> dict[int, str]:
+    names: dict[int, str] = {}
+    path = templates / f"{atlas}.nii.txt"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].isdigit():
+                names[int(parts[0])] = parts[1]
+    return names
+
+
+def place(first: int, last: int, count: int, placement: str, rng: np.random.Generator) -> list[int]:
+    """The slices a user draws on a structure occupying ``first``..``last``."""
+    if last - first + 1 <= count:
+        return [(first + last) // 2]
+    if placement == "even":
+        return sorted({int(round(p)) for p in np.linspace(first, last, count + 2)[1:-1]})
+    if placement == "inset":
+        length = last - first
+        inset = [min(int(rng.integers(1, 4)), max(1, length // 4)) for _ in range(2)]
+        return sorted({int(round(p)) for p in np.linspace(first + inset[0], last - inset[1], count)})
+    inner = np.arange(first + 1, last)
+    return sorted(rng.choice(inner, size=min(count, inner.size), replace=False).tolist())
+
+
+def structure_profiles(templates: Path):
+    """(area per slice) for every label, axis and slice thickness (1 and 3 mm, 1 mm isotropic atlases)."""
+    for atlas, held_out in ATLASES.items():
+        names = label_names(templates, atlas)
+        volume = sitk.GetArrayFromImage(sitk.ReadImage(str(templates / f"{atlas}.nii.gz"))).astype(np.int32)
+        for label in np.unique(volume):
+            name = names.get(int(label), str(label))
+            if label == 0 or any(h in name for h in held_out):
+                continue
+            mask = volume == label
+            if mask.sum() < 200:
+                continue
+            for axis in range(3):
+                areas = mask.sum(axis=tuple(i for i in range(3) if i != axis)).astype(float)
+                yield areas, 1.0
+                yield areas[::3], 3.0
+
+
+def rules(drawn: list[int], areas: np.ndarray, step_mm: float, length: float) -> dict[str, tuple[int, int]]:
+    """Each rule's reach past the first and the last drawn slice (in slices)."""
+    rule = ExtentRule()
+    pixel_mm2 = 1.0
+    ends = {"first": int(areas[drawn[0]]), "last": int(areas[drawn[-1]])}
+    widest = int(max(areas[i] for i in drawn))
+    radius = math.sqrt(widest * pixel_mm2 / math.pi) / step_mm
+    known = length / 2 / radius                         # radii each side of the drawn middle
+    out = {"drawing only": (spacing_limit(rule, drawn, ends["first"], pixel_mm2, step_mm)[0],
+                            spacing_limit(rule, drawn, ends["last"], pixel_mm2, step_mm)[0])}
+    out["known length, shared by radius"] = (
+        spacing_limit(rule, drawn, ends["first"], pixel_mm2, step_mm, known, widest, ends["last"])[0],
+        spacing_limit(rule, drawn, ends["last"], pixel_mm2, step_mm, known, widest, ends["first"])[0])
+    out["known length, shared evenly"] = (
+        spacing_limit(rule, drawn, ends["first"], pixel_mm2, step_mm, known, widest)[0],
+        spacing_limit(rule, drawn, ends["last"], pixel_mm2, step_mm, known, widest)[0])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--templates", type=Path, default=Path("/usr/share/mricron/templates"))
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    errors: dict[tuple[float, str, str], list[int]] = {}
+    for areas, step in structure_profiles(args.templates):
+        occupied = np.flatnonzero(areas > 0)
+        if occupied.size < 3:
+            continue
+        first, last = int(occupied[0]), int(occupied[-1])
+        for placement in PLACEMENTS:
+            for count in COUNTS:
+                drawn = [i for i in place(first, last, count, placement, rng) if areas[i] > 0]
+                if len(drawn) < 2:
+                    continue
+                for noise in (0.0, 0.2):
+                    length = (last - first) * math.exp(rng.normal(0, noise)) if noise else float(last - first)
+                    for name, (before, after) in rules(drawn, areas, step, length).items():
+                        errors.setdefault((noise, placement, name), []).extend(
+                            [before - (drawn[0] - first), after - (last - drawn[-1])])
+    for noise in (0.0, 0.2):
+        print(f"\nknown length {'exact' if not noise else f'with {noise:.0%} error'}: "
+              "share of ends within 2 slices (mean absolute error, slices)")
+        names = sorted({k[2] for k in errors})
+        print(f"{'rule':34s}" + "".join(f"{p:>18s}" for p in PLACEMENTS))
+        for name in names:
+            cells = []
+            for placement in PLACEMENTS:
+                e = np.abs(np.array(errors[(noise, placement, name)]))
+                cells.append(f"{np.mean(e <= 2):.3f} ({e.mean():.2f})")
+            print(f"{name:34s}" + "".join(f"{c:>18s}" for c in cells))
+    print(f"\n{len(errors[(0.0, 'even', 'drawing only')])} ends per placement")
+
+
+if __name__ == "__main__":
+    main()
