@@ -264,9 +264,10 @@ def bench_site(patients: Sequence[BenchCase], left_out: Optional[Sequence[str]] 
         one_file = work / f"{name}_drawn1.seg.nrrd"
         write_label_map(one_file, drawn_one, case.geometry, case.segments)
         start = time.perf_counter()
-        run_training(TrainJob(image=str(adapters.image_file(name)), labels=str(one_file), out=str(warm),
-                              init=str(adapters.adapter(tuple(previous))), axis=case.axis,
-                              config=TrainingConfig(steps=steps, seed=seed)))
+        if not warm.exists():      # like the site adapters, reused when already there
+            run_training(TrainJob(image=str(adapters.image_file(name)), labels=str(one_file), out=str(warm),
+                                  init=str(adapters.adapter(tuple(previous))), axis=case.axis,
+                                  config=TrainingConfig(steps=steps, seed=seed)))
         train_s = time.perf_counter() - start
         labels, propagate_s = _site_propagation(warm, case, drawn_one, one)
         record(SITE_WARM, len(previous), one, labels, train_s, propagate_s)
