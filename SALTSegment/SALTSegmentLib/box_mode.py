@@ -33,8 +33,8 @@ from .appearance import SegmentAppearance, build_appearance
 from .extent import (END_DRAWN, END_EDGE, END_RANGE, SegmentEnd, SegmentExtent, WalkStep, decide_end,
                      spacing_limit)
 from .interpolation import interpolate_segment
-from .structure_length import drawn_length, reach_per_radius
 from .slices import array_axis
+from .structure_length import drawn_length, reach_per_radius
 
 
 class PropagationStopped(Exception):
