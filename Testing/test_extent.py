@@ -9,7 +9,7 @@ import torch
 from SALTSegmentLib.appearance import build_appearance
 from SALTSegmentLib.box_mode import box_margin_pixels, closed_shape, compose_label_map, soft_mask
 from SALTSegmentLib.extent import (END_APPEARANCE, END_EDGE, END_EMPTY, END_LENGTH, END_SHRANK, END_SIZE, END_SPACING,
-                                   ExtentRule, SegmentEnd, SegmentExtent, WalkStep, decide_end,
+                                   END_TAPER, ExtentRule, SegmentEnd, SegmentExtent, WalkStep, decide_end,
                                    equivalent_radius_slices, label_spacing, spacing_limit)
 
 RULE = ExtentRule(spacing_bound=1.0, radius_bound=1.0, min_similarity=0.6, min_area_ratio=0.1)
@@ -41,35 +41,42 @@ def test_label_spacing_is_the_widest_gap_between_drawn_slices():
 
 
 def test_spacing_limit_uses_the_gap_or_a_single_slice_radius():
-    assert spacing_limit(RULE, [10, 15, 20], 100, 1.0, 1.0) == (5, END_SPACING)
-    assert spacing_limit(ExtentRule(spacing_bound=0.5), [10, 16], 100, 1.0, 1.0) == (3, END_SPACING)
+    assert spacing_limit(RULE, {10: 100, 15: 100, 20: 100}, 20, 1.0, 1.0) == (5, END_SPACING)
+    assert spacing_limit(ExtentRule(spacing_bound=0.5), {10: 100, 16: 100}, 16, 1.0, 1.0) == (3, END_SPACING)
     # One drawn slice: a round lesion of area 314 mm^2 (radius 10 mm) on 5 mm slices reaches 2 slices.
     assert equivalent_radius_slices(314, 1.0, 5.0) == pytest.approx(2.0, abs=0.01)
-    assert spacing_limit(RULE, [33], 314, 1.0, 5.0) == (2, END_SIZE)
-    assert spacing_limit(RULE, [33], 1, 1.0, 5.0) == (1, END_SIZE)          # never less than one slice
+    assert spacing_limit(RULE, {33: 314}, 33, 1.0, 5.0) == (2, END_SIZE)
+    assert spacing_limit(RULE, {33: 1}, 33, 1.0, 5.0) == (1, END_SIZE)          # never less than one slice
+
+
+def test_a_drawn_area_that_shrinks_towards_the_end_caps_the_reach_where_set():
+    tapering = ExtentRule(spacing_bound=1.0, taper_bound=1.0)
+    # 400 -> 100 pixels over 10 slices: at that rate nothing is left 3.3 slices past the last drawn slice.
+    assert spacing_limit(tapering, {10: 400, 20: 100}, 20, 1.0, 1.0) == (3, END_TAPER)
+    assert spacing_limit(tapering, {10: 400, 20: 100}, 10, 1.0, 1.0) == (10, END_SPACING)   # growing that way
+    assert spacing_limit(tapering, {10: 400, 20: 390}, 20, 1.0, 1.0) == (10, END_SPACING)   # barely shrinking
+    assert spacing_limit(RULE, {10: 400, 20: 100}, 20, 1.0, 1.0) == (10, END_SPACING)        # not set
 
 
 def test_the_training_cases_length_of_a_structure_bounds_the_walks():
     # The training cases drew it four radii long each way: one slice of radius 2 slices reaches 8.
-    assert spacing_limit(RULE, [33], 314, 1.0, 5.0, known_reach_per_radius=4.0) == (8, END_LENGTH)
-    # Two close slices (gap 2) of a structure of widest radius 2 slices: 8 from their middle, 7 past the last.
-    assert spacing_limit(RULE, [30, 32], 100, 1.0, 5.0, known_reach_per_radius=4.0, widest_area=314) \
-        == (7, END_LENGTH)
+    assert spacing_limit(RULE, {33: 314}, 33, 1.0, 5.0, known_reach_per_radius=4.0) == (8, END_LENGTH)
+    # Two close slices (gap 2) of a structure of widest radius 2 slices: 16 slices long, 14 past the drawn ones.
+    assert spacing_limit(RULE, {30: 314, 32: 314}, 32, 1.0, 5.0, known_reach_per_radius=4.0) == (7, END_LENGTH)
     # Drawn slices that already span the known length: the structure ends at them (a walk still takes one slice).
-    assert spacing_limit(RULE, [20, 40], 314, 1.0, 5.0, known_reach_per_radius=4.0) == (1, END_LENGTH)
-    assert spacing_limit(RULE, [30, 32], 314, 1.0, 5.0, known_reach_per_radius=0.1) == (1, END_LENGTH)
+    assert spacing_limit(RULE, {20: 314, 40: 314}, 40, 1.0, 5.0, known_reach_per_radius=4.0) == (1, END_LENGTH)
+    assert spacing_limit(RULE, {30: 314, 32: 314}, 32, 1.0, 5.0, known_reach_per_radius=0.1) == (1, END_LENGTH)
 
 
 def test_a_known_length_replaces_the_drawings_guess_and_is_shared_by_the_radius_drawn_at_each_end():
     # Drawn on slices 10 and 30 (the drawing alone would reach 20 past each); known 8 radii of 2 slices each way:
     # 32 slices long, 12 of them beyond the drawn ones.
-    assert spacing_limit(RULE, [10, 30], 314, 1.0, 5.0, known_reach_per_radius=8.0) == (6, END_LENGTH)
-    # Drawn a quarter as wide at this end (half the radius) as at the other: a third of the 12 here, two thirds there.
-    here = spacing_limit(RULE, [10, 30], 100, 1.0, 5.0, known_reach_per_radius=8.0, widest_area=314,
-                         other_end_area=400)
-    there = spacing_limit(RULE, [10, 30], 400, 1.0, 5.0, known_reach_per_radius=8.0, widest_area=314,
-                          other_end_area=100)
-    assert (here, there) == ((4, END_LENGTH), (8, END_LENGTH))
+    assert spacing_limit(RULE, {10: 314, 30: 314}, 30, 1.0, 5.0, known_reach_per_radius=8.0) == (6, END_LENGTH)
+    # Drawn a quarter as wide at one end (half the radius) as at the other: a third of the 12 there, two thirds
+    # at the wide end (pixels of pi/4 mm^2: the widest, 400 pixels, is a disc of radius 10 mm, 2 slices).
+    areas = {10: 100, 30: 400}
+    assert spacing_limit(RULE, areas, 10, np.pi / 4, 5.0, known_reach_per_radius=8.0) == (4, END_LENGTH)
+    assert spacing_limit(RULE, areas, 30, np.pi / 4, 5.0, known_reach_per_radius=8.0) == (8, END_LENGTH)
 
 
 def test_the_shape_closes_just_past_each_end_even_at_the_edge_of_the_volume():

@@ -14,7 +14,8 @@ axes, at 1 and 3 mm slices, drawn on 2, 3 or 5 slices placed three ways:
 - ``random``: anywhere strictly inside.
 
 For each pair of ends it prints how often each rule lands within two slices
-of the true end, with the known length exact and with 20% (log-normal) error.
+of the true end, with the known length exact and with 20% (log-normal) error
+(the drawing's own rules do not use it: their rows repeat).
 
     python scripts/extent_study.py [--templates /usr/share/mricron/templates]
 """
@@ -81,21 +82,21 @@ def structure_profiles(templates: Path):
 
 def rules(drawn: list[int], areas: np.ndarray, step_mm: float, length: float) -> dict[str, tuple[int, int]]:
     """Each rule's reach past the first and the last drawn slice (in slices)."""
-    rule = ExtentRule()
     pixel_mm2 = 1.0
-    ends = {"first": int(areas[drawn[0]]), "last": int(areas[drawn[-1]])}
-    widest = int(max(areas[i] for i in drawn))
-    radius = math.sqrt(widest * pixel_mm2 / math.pi) / step_mm
+    drawn_areas = {i: int(areas[i]) for i in drawn}
+    radius = math.sqrt(max(drawn_areas.values()) * pixel_mm2 / math.pi) / step_mm
     known = length / 2 / radius                         # radii each side of the drawn middle
-    out = {"drawing only": (spacing_limit(rule, drawn, ends["first"], pixel_mm2, step_mm)[0],
-                            spacing_limit(rule, drawn, ends["last"], pixel_mm2, step_mm)[0])}
-    out["known length, shared by radius"] = (
-        spacing_limit(rule, drawn, ends["first"], pixel_mm2, step_mm, known, widest, ends["last"])[0],
-        spacing_limit(rule, drawn, ends["last"], pixel_mm2, step_mm, known, widest, ends["first"])[0])
-    out["known length, shared evenly"] = (
-        spacing_limit(rule, drawn, ends["first"], pixel_mm2, step_mm, known, widest)[0],
-        spacing_limit(rule, drawn, ends["last"], pixel_mm2, step_mm, known, widest)[0])
-    return out
+
+    def both(rule: ExtentRule, known_reach=None) -> tuple[int, int]:
+        return tuple(spacing_limit(rule, drawn_areas, end, pixel_mm2, step_mm, known_reach)[0]
+                     for end in (drawn[0], drawn[-1]))
+
+    evenly = max(1, int(round(max(length - (drawn[-1] - drawn[0]), 0) / 2)))
+    return {"drawing only": both(ExtentRule()),
+            "drawing, area taper x1": both(ExtentRule(taper_bound=1.0)),
+            "drawing, area taper x1.5": both(ExtentRule(taper_bound=1.5)),
+            "known length, shared by radius": both(ExtentRule(), known),
+            "known length, shared evenly": (evenly, evenly)}
 
 
 def main() -> None:

@@ -202,9 +202,8 @@ class BoxPropagation:
             limit, hard_reason = range_edge, END_RANGE
         seed = pp.take_slice(drawn, self.axis, outermost)
         areas = {i: int(pp.take_slice(drawn, self.axis, i).sum()) for i in present}
-        bound, bound_reason = spacing_limit(rule, present, areas[outermost], self._pixel_area_mm2(),
-                                            pp.slice_spacing(self.spacing, self.axis), self._known_reach(name, areas),
-                                            max(areas.values()), areas[present[-1] if direction < 0 else present[0]])
+        bound, bound_reason = spacing_limit(rule, areas, outermost, self._pixel_area_mm2(),
+                                            pp.slice_spacing(self.spacing, self.axis), self._known_reach(name, areas))
         reachable = abs(limit - outermost)
         path = [outermost + direction * d for d in range(1, min(bound, reachable) + 1)]
         walk: list[WalkStep] = []

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 # Why an end is where it is (report strings).
 END_DRAWN = "drawn up to a labelled slice without it"
@@ -35,6 +35,7 @@ END_APPEARANCE = "the region stopped looking like the drawn structure"
 END_SPACING = "the spacing of the drawn slices bounds it"
 END_SIZE = "the drawn region's size bounds it"
 END_LENGTH = "its length in the adapter's training cases bounds it"
+END_TAPER = "its drawn area shrinks towards the end"
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class ExtentRule:
     radius_bound: float = 0.75        # x in-plane radius / slice spacing, when one slice is drawn
     min_similarity: float = 0.5       # x the drawn slices' own appearance score
     min_area_ratio: float = 0.1       # x the area of the outermost drawn slice
+    taper_bound: Optional[float] = None  # x the distance at which the drawn area's shrinking would reach zero
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,21 +111,24 @@ def equivalent_radius_slices(area_pixels: int, pixel_area_mm2: float, slice_spac
     return equivalent_radius_mm(area_pixels, pixel_area_mm2) / slice_spacing_mm
 
 
-def spacing_limit(rule: ExtentRule, drawn: Sequence[int], end_area: int, pixel_area_mm2: float,
-                  slice_spacing_mm: float, known_reach_per_radius: Optional[float] = None,
-                  widest_area: Optional[int] = None, other_end_area: Optional[int] = None) -> tuple[int, str]:
-    """Slices past the outermost drawn one the evidence may reach (soft bound, at least 1), and why.
+def spacing_limit(rule: ExtentRule, areas: Mapping[int, int], outermost: int, pixel_area_mm2: float,
+                  slice_spacing_mm: float, known_reach_per_radius: Optional[float] = None) -> tuple[int, str]:
+    """Slices past ``outermost`` the evidence may reach (soft bound, at least 1), and why.
 
-    From the user's drawing: ``spacing_bound`` x the label gap with two drawn
-    slices or more; with one, ``radius_bound`` x the drawn region's radius (a
-    round lesion's reach). When other drawings of the structure measured its
-    length (``known_reach_per_radius`` radii each side of its middle, from
-    an adapter's training cases, :mod:`structure_length`; scaled by the
-    widest region drawn here, ``widest_area``, default ``end_area``), that
-    length replaces the drawing's guess. What it leaves beyond the drawn
-    slices (nothing if they span it already) is shared between the two ends
-    by the radius of the region drawn at each (``end_area`` here,
-    ``other_end_area`` at the other end, default the same): a structure
+    ``areas`` holds the segment's drawn area (pixels) on each slice it is
+    drawn on; ``outermost`` is the first or the last of them. From the
+    user's drawing: ``spacing_bound`` x the label gap with two drawn slices
+    or more; with one, ``radius_bound`` x the drawn region's radius (a round
+    lesion's reach). With ``taper_bound`` set, a drawn area that shrinks from
+    the next drawn slice inwards to the outermost one caps it: the structure
+    ends about where that shrinking would reach nothing.
+
+    When other drawings of the structure measured its length
+    (``known_reach_per_radius`` radii each side of its middle, from an
+    adapter's training cases, :mod:`structure_length`; scaled by the widest
+    region drawn here), that length replaces the drawing's guess. What it
+    leaves beyond the drawn slices (nothing if they span it already) is
+    shared between the two ends by the radius drawn at each: a structure
     drawn small at one end is near its tip there, one drawn wide runs on.
     ``scripts/extent_study.py`` measures the rules on atlas structures drawn
     evenly, near the ends or at random inside them: with the length known to
@@ -132,18 +137,25 @@ def spacing_limit(rule: ExtentRule, drawn: Sequence[int], end_area: int, pixel_a
     own guess 0.76 / 0.37 / 0.44 (known exactly, by radius: 0.91 / 0.99 /
     0.71). A known length wins wherever the user does not draw evenly.
     """
+    drawn = sorted(areas)
+    end_area = areas[outermost]
     spacing = label_spacing(drawn)
     if spacing is not None:
         reach, reason = rule.spacing_bound * spacing, END_SPACING
+        inner = drawn[1] if outermost == drawn[0] else drawn[-2]
+        shrink = areas[inner] - end_area
+        if rule.taper_bound is not None and shrink > 0:
+            taper = rule.taper_bound * abs(inner - outermost) * end_area / shrink
+            if taper < reach:
+                reach, reason = taper, END_TAPER
     else:
         radius = equivalent_radius_slices(end_area, pixel_area_mm2, slice_spacing_mm)
         reach, reason = rule.radius_bound * radius, END_SIZE
     if known_reach_per_radius is not None:
-        widest = equivalent_radius_slices(widest_area if widest_area is not None else end_area, pixel_area_mm2,
-                                          slice_spacing_mm)
-        beyond = max(2 * known_reach_per_radius * widest - (max(drawn) - min(drawn)), 0.0)   # both ends together
+        widest = equivalent_radius_slices(max(areas.values()), pixel_area_mm2, slice_spacing_mm)
+        beyond = max(2 * known_reach_per_radius * widest - (drawn[-1] - drawn[0]), 0.0)   # both ends together
         here = math.sqrt(max(end_area, 0))
-        there = math.sqrt(max(other_end_area if other_end_area is not None else end_area, 0))
+        there = math.sqrt(max(areas[drawn[-1] if outermost == drawn[0] else drawn[0]], 0))
         reach, reason = beyond * (here / (here + there) if here + there > 0 else 0.5), END_LENGTH
     return max(1, int(round(reach))), reason
 
