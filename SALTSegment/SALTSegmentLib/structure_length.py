@@ -50,7 +50,6 @@ class DrawnLength:
     def from_dict(cls, values: Mapping) -> "DrawnLength":
         return cls(float(values["span_mm"]), float(values["gap_mm"]), float(values["radius_mm"]))
 
-
     def same_drawing(self, other: "DrawnLength") -> bool:
         """Whether both were measured from one drawing (a record keeps three decimals)."""
         return all(abs(a - b) < 0.01 for a, b in zip(astuple(self), astuple(other)))
