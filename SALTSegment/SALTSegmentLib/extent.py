@@ -46,7 +46,10 @@ class ExtentRule:
     radius_bound: float = 0.75        # x in-plane radius / slice spacing, when one slice is drawn
     min_similarity: float = 0.5       # x the drawn slices' own appearance score
     min_area_ratio: float = 0.1       # x the area of the outermost drawn slice
-    taper_bound: Optional[float] = None  # x the distance at which the drawn area's shrinking would reach zero
+    # x the distance at which the drawn area's shrinking would reach zero; off (None): on the development set
+    # it moved ends both ways and left mean Dice where it was (session notes), though atlas ends drawn unevenly
+    # favour it (scripts/extent_study.py)
+    taper_bound: Optional[float] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
