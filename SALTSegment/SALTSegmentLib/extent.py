@@ -47,8 +47,8 @@ class ExtentRule:
     min_similarity: float = 0.5       # x the drawn slices' own appearance score
     min_area_ratio: float = 0.1       # x the area of the outermost drawn slice
     # x the distance at which the drawn area's shrinking would reach zero; off (None): on the development set
-    # it moved ends both ways and left mean Dice where it was (session notes), though atlas ends drawn unevenly
-    # favour it (scripts/extent_study.py)
+    # it moved ends both ways and left mean Dice where it was, though atlas ends drawn unevenly favour it
+    # (README "Quality", scripts/extent_study.py)
     taper_bound: Optional[float] = None
 
     def to_dict(self) -> dict:
