@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from SALTSegmentLib.bench.cases import slices_inside
 from SALTSegmentLib.extent import ExtentRule, spacing_limit
 
 ATLASES = {"aal": ("Amygdala", "Pallidum"),          # held out: never looked at
@@ -50,10 +51,8 @@ def label_names(templates: Path, atlas: str) -> dict[int, str]:
 
 def place(first: int, last: int, count: int, placement: str, rng: np.random.Generator) -> list[int]:
     """The slices a user draws on a structure occupying ``first``..``last``."""
-    if last - first + 1 <= count:
-        return [(first + last) // 2]
-    if placement == "even":
-        return sorted({int(round(p)) for p in np.linspace(first, last, count + 2)[1:-1]})
+    if last - first + 1 <= count or placement == "even":
+        return slices_inside(first, last, count)
     if placement == "inset":
         length = last - first
         inset = [min(int(rng.integers(1, 4)), max(1, length // 4)) for _ in range(2)]

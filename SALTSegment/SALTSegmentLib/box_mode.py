@@ -224,7 +224,7 @@ class BoxPropagation:
             if not mask.any():
                 break
             previous = mask
-        end = decide_end(rule, outermost, walk, int(seed.sum()), bound_reason if bound < reachable else hard_reason)
+        end = decide_end(rule, outermost, walk, areas[outermost], bound_reason if bound < reachable else hard_reason)
         return end, {index: maps[index] for index in path[:end.beyond_drawn]}
 
 

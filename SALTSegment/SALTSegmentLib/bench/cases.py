@@ -51,16 +51,22 @@ class BenchCase:
         chosen: set[int] = set()
         for segment in self.segments:
             occupied = occupied_slices(self.reference == segment.label, self.axis)
-            first, last = occupied[0], occupied[-1]
-            if last - first + 1 <= count:
-                chosen.add((first + last) // 2)
-                continue
-            chosen.update(int(round(p)) for p in np.linspace(first, last, count + 2)[1:-1])
+            chosen.update(slices_inside(occupied[0], occupied[-1], count))
         return sorted(chosen)
 
     def drawn(self, labelled: list[int]) -> np.ndarray:
         """The reference on the labelled slices only: what the user drew."""
         return put_back_slices(np.zeros_like(self.reference), self.reference, labelled, self.axis)
+
+
+def slices_inside(first: int, last: int, count: int) -> list[int]:
+    """``count`` slices spread evenly inside ``first``..``last``, its end slices not drawn, as a user draws.
+
+    A structure no longer than ``count`` slices is drawn on its middle slice.
+    """
+    if last - first + 1 <= count:
+        return [(first + last) // 2]
+    return sorted({int(round(p)) for p in np.linspace(first, last, count + 2)[1:-1]})
 
 
 def sample_case() -> BenchCase:
