@@ -12,8 +12,8 @@ import json
 import numpy as np
 
 from SALTSegmentLib.bench.cases import BenchCase
-from SALTSegmentLib.bench.quality import (QualityResults, QualityRun, merge_results, quality_table,
-                                          unlabelled_dice, write_quality_outputs)
+from SALTSegmentLib.bench.quality import (QualityResults, QualityRun, evidence_table, merge_results,
+                                          quality_table, unlabelled_dice, write_quality_outputs)
 from SALTSegmentLib.volume_io import Segment, VolumeGeometry
 
 
@@ -62,3 +62,23 @@ def test_runs_made_apart_merge_into_one_table(tmp_path):
     assert [p.name for p in paths] == ["quality.json", "quality.md", "quality.png"]
     assert all(p.stat().st_size > 0 for p in paths)
     assert len(json.loads(paths[0].read_text())["runs"]) == 3
+
+
+def test_the_estimate_and_the_extra_slice_experiment_are_tabled_beside_what_the_run_scored(tmp_path):
+    plain = _run("toy", "salt", 0.8)
+    told = _run("other", "salt", 0.9)
+    told.estimate = {"propagation": 0.91, "fill_between_slices": 0.62, "segments": [], "text": ""}
+    told.suggestion = {"suggested_slices": {}, "even_slices": {}, "mean_dice": {"suggested": 0.88, "even": 0.86},
+                       "dice": {}}
+    assert evidence_table(QualityResults([plain])) == ""
+    plain.estimate = {"propagation": None, "fill_between_slices": None, "segments": [], "text": "no quality estimate"}
+    assert evidence_table(QualityResults([plain])) == ""      # one drawn slice: nothing to tell
+    results = QualityResults.from_dict(json.loads(json.dumps(QualityResults([plain, told]).to_dict())))
+    table = evidence_table(results)
+    # measured 0.850 (mean of 0.9 and 0.8), estimated 0.910; Fill 0.500 measured, 0.620 estimated; extra slice
+    assert "| other | 3 | salt | 0 | 0.850 | 0.910 | 0.500 | 0.620 | 0.880 | 0.860 |" in table
+    assert "| toy |" not in table                          # a run with neither is left out
+    markdown = write_quality_outputs(results, tmp_path)[1].read_text()
+    assert markdown == quality_table(results) + "\n\n" + table + "\n"
+    bare = write_quality_outputs(QualityResults([plain]), tmp_path / "bare")[1].read_text()
+    assert bare == quality_table(QualityResults([plain])) + "\n"

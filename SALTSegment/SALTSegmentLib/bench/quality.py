@@ -203,6 +203,10 @@ def bench_case(case: BenchCase, counts: Sequence[int], methods: Sequence[str], s
                 say(f"{case.name} {protocol} {count}: {method} seed {seed}: {run.mean_dice:.3f} "
                     f"(Fill between slices {run.mean_fill:.3f}), ends within 2: {within}/{total}, "
                     f"train {run.train_s:.0f} s, propagate {run.propagate_s:.0f} s")
+                if run.suggestion:
+                    scores = run.suggestion["mean_dice"]
+                    say(f"  one more slice per structure: where suggested {scores['suggested']:.3f}, "
+                        f"evenly {scores['even']:.3f}")
     return runs
 
 
@@ -252,6 +256,35 @@ def quality_table(results: QualityResults) -> str:
     return "\n".join(lines)
 
 
+def evidence_table(results: QualityResults) -> str:
+    """Markdown: what a user is told before trusting a run, against what it scored; "" if no run has it.
+
+    Per run: the leave-one-out estimate for the propagation and for Fill
+    between slices beside their measured Dice, and the extra-slice
+    experiment (one more slice per structure where the propagation suggested
+    it, or in the middle of the widest gap; both scored without either
+    choice's extra slices, so not comparable with the run's own Dice). Runs
+    with neither (a lesion drawn on one slice has no estimate) are left out.
+    """
+    rows = [r for r in results.runs if (r.estimate or {}).get("propagation") is not None or r.suggestion]
+    if not rows:
+        return ""
+    lines = ["| case | drawn per structure | method | seed | Dice | estimate | Fill between slices | its estimate "
+             "| one more slice: suggested | one more slice: even |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(document: Optional[dict], *path: str) -> str:
+        for key in path:
+            document = document.get(key) if isinstance(document, dict) else None
+        return f"{document:.3f}" if isinstance(document, (int, float)) else "-"
+
+    for r in rows:
+        lines.append(f"| {r.case} | {r.count} | {r.method} | {r.seed} | {r.mean_dice:.3f} "
+                     f"| {cell(r.estimate, 'propagation')} | {r.mean_fill:.3f} "
+                     f"| {cell(r.estimate, 'fill_between_slices')} | {cell(r.suggestion, 'mean_dice', 'suggested')} "
+                     f"| {cell(r.suggestion, 'mean_dice', 'even')} |")
+    return "\n".join(lines)
+
+
 def write_quality_outputs(results: QualityResults, folder: Path) -> tuple[Path, Path, Path]:
     """quality.json, quality.md and quality.png (per case: Fill between slices vs each method)."""
     keys = list(dict.fromkeys((r.case, r.count) for r in results.runs))
@@ -274,4 +307,6 @@ def write_quality_outputs(results: QualityResults, folder: Path) -> tuple[Path, 
     axes.set_ylim(0, 1)
     axes.grid(axis="y", alpha=0.3)
     axes.legend(fontsize=7, loc="lower left")
-    return write_outputs(folder, "quality", results.to_dict(), quality_table(results), figure)
+    evidence = evidence_table(results)
+    table = quality_table(results) + (f"\n\n{evidence}" if evidence else "")
+    return write_outputs(folder, "quality", results.to_dict(), table, figure)
