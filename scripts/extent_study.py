@@ -17,6 +17,11 @@ For each pair of ends it prints how often each rule lands within two slices
 of the true end, with the known length exact and with 20% (log-normal) error
 (the drawing's own rules do not use it: their rows repeat).
 
+Last, whether the image itself marks an end: for the labels on ch2's own grid
+(the T1 they were drawn on), the mean intensity change under a slice's mask
+to the next slice out, in units of the structure's median slice-to-slice
+change, past its true end slice and from slices one and two inside it.
+
     python scripts/extent_study.py [--templates /usr/share/mricron/templates]
 """
 
@@ -98,6 +103,38 @@ def rules(drawn: list[int], areas: np.ndarray, step_mm: float, length: float) ->
             "known length, shared evenly": (evenly, evenly)}
 
 
+def image_change_past_ends(templates: Path) -> dict[str, np.ndarray]:
+    """Intensity change under a slice's mask to the next slice out: past the true end vs from inside."""
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(templates / "ch2.nii.gz"))).astype(np.float32)
+    changes: dict[str, list[float]] = {"past the true end": [], "inside": []}
+    for atlas, held_out in ATLASES.items():
+        names = label_names(templates, atlas)
+        volume = sitk.GetArrayFromImage(sitk.ReadImage(str(templates / f"{atlas}.nii.gz"))).astype(np.int32)
+        if volume.shape != image.shape:
+            continue                                     # not drawn on ch2's grid
+        for label in np.unique(volume):
+            if label == 0 or any(h in names.get(int(label), str(label)) for h in held_out):
+                continue
+            for axis in range(3):
+                mask, intensity = np.moveaxis(volume == label, axis, 0), np.moveaxis(image, axis, 0)
+                occupied = np.flatnonzero(mask.any(axis=(1, 2)))
+                if mask.sum() < 200 or occupied[-1] - occupied[0] < 6:
+                    continue
+
+                def change(index: int, step: int) -> float:
+                    inside = mask[index]
+                    if not inside.any() or not 0 <= index + step < mask.shape[0]:
+                        return float("nan")
+                    return float(np.abs(intensity[index + step][inside] - intensity[index][inside]).mean())
+
+                first, last = int(occupied[0]), int(occupied[-1])
+                typical = np.nanmedian([change(i, 1) for i in range(first + 1, last - 1)])
+                for end, step in ((first, -1), (last, 1)):
+                    changes["past the true end"].append(change(end, step) / typical)
+                    changes["inside"] += [change(end - step * d, step) / typical for d in (1, 2)]
+    return {k: np.array(v)[np.isfinite(v)] for k, v in changes.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--templates", type=Path, default=Path("/usr/share/mricron/templates"))
@@ -131,6 +168,10 @@ def main() -> None:
                 cells.append(f"{np.mean(e <= 2):.3f} ({e.mean():.2f})")
             print(f"{name:34s}" + "".join(f"{c:>18s}" for c in cells))
     print(f"\n{len(errors[(0.0, 'even', 'drawing only')])} ends per placement")
+    print("\nintensity change under a slice's mask to the next slice out (x the structure's median change):")
+    for name, values in image_change_past_ends(args.templates).items():
+        quartiles = " / ".join(f"{q:.2f}" for q in np.percentile(values, [25, 50, 75]))
+        print(f"  {name:18s} quartiles {quartiles} ({values.size} slices)")
 
 
 if __name__ == "__main__":
