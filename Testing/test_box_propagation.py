@@ -224,3 +224,28 @@ def test_an_adapter_trained_on_this_drawing_walks_as_if_it_knew_no_length(lite_m
     assert trained_here == plain
     np.testing.assert_array_equal(runs[1].labels, runs[0].labels)
     assert other_patient != plain
+
+
+def test_a_walk_towards_a_slice_drawn_without_the_segment_stops_half_way(lite_medsam, prompts, crop, one_thread):
+    """The thalamus drawn on slice 8 and left out on slice 16 (as a user may draw it): its end lies between.
+
+    The anatomy goes on (the thalamus is there on every slice up to 16), so with only emptiness to stop it a
+    walk goes as far as its bound: half way (7 slices between, 4 out), or with the rule off up to slice 15.
+    """
+    from SALTSegmentLib.extent import END_HALFWAY, SegmentEnd
+
+    image, spacing, reference, _, segments = crop
+    thalamus = next(s for s in segments if s.name == "Thalamus_L")
+    labelled = [8, 16]
+    drawn = np.zeros_like(reference)
+    drawn[8] = reference[8]
+    drawn[16] = np.where(reference[16] == thalamus.label, 0, reference[16])
+    only_emptiness = ExtentRule(min_similarity=0.0, min_area_ratio=0.0)
+    ends = []
+    for halfway in (0.5, None):
+        rule = replace(only_emptiness, halfway_bound=halfway)
+        result = _propagator(lite_medsam, prompts, crop, extent=rule, estimate=False).run(
+            image, spacing, drawn, labelled)
+        ends.append(next(e for e in result.extents if e.name == "Thalamus_L").last)
+    assert ends[0] == SegmentEnd(12, END_HALFWAY, 4)
+    assert ends[1] == SegmentEnd(15, END_DRAWN, 7)

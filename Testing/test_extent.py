@@ -10,7 +10,7 @@ from SALTSegmentLib.appearance import build_appearance
 from SALTSegmentLib.box_mode import box_margin_pixels, closed_shape, compose_label_map, soft_mask
 from SALTSegmentLib.extent import (END_APPEARANCE, END_EDGE, END_EMPTY, END_LENGTH, END_SHRANK, END_SIZE, END_SPACING,
                                    END_TAPER, ExtentRule, SegmentEnd, SegmentExtent, WalkStep, decide_end,
-                                   equivalent_radius_slices, label_spacing, spacing_limit)
+                                   equivalent_radius_slices, halfway_limit, label_spacing, spacing_limit)
 
 RULE = ExtentRule(spacing_bound=1.0, radius_bound=1.0, min_similarity=0.6, min_area_ratio=0.1)
 
@@ -137,3 +137,12 @@ def test_appearance_scores_the_drawn_structure_above_its_surroundings():
     assert appearance.score(embedding, shifted) < 0.1
     assert appearance.score(embedding, np.zeros_like(mask)) is None
     assert build_appearance([embedding], [np.zeros_like(mask)]) is None
+
+
+def test_a_walk_towards_a_slice_drawn_without_the_segment_goes_half_way():
+    # Drawn on slice 10, drawn without it on slice 18: the end is slice 10 or one of the 7 between, the middle
+    # of those 8 places is 3.5 slices out.
+    assert halfway_limit(RULE, 7) == 4
+    assert halfway_limit(RULE, 2) == 1 and halfway_limit(RULE, 1) == 1      # never less than one slice
+    assert halfway_limit(RULE, 0) is None                                    # nothing between: nowhere to go
+    assert halfway_limit(ExtentRule(halfway_bound=None), 7) is None          # off: up to that slice

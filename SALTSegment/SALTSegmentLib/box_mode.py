@@ -30,8 +30,8 @@ from scipy import ndimage
 
 from . import preprocessing as pp
 from .appearance import SegmentAppearance, build_appearance
-from .extent import (END_DRAWN, END_EDGE, END_RANGE, SegmentEnd, SegmentExtent, WalkStep, decide_end,
-                     spacing_limit)
+from .extent import (END_DRAWN, END_EDGE, END_HALFWAY, END_LENGTH, END_RANGE, SegmentEnd, SegmentExtent, WalkStep,
+                     decide_end, halfway_limit, spacing_limit)
 from .interpolation import interpolate_segment
 from .slices import array_axis
 from .structure_length import drawn_length, reach_per_radius
@@ -205,6 +205,9 @@ class BoxPropagation:
         bound, bound_reason = spacing_limit(rule, areas, outermost, self._pixel_area_mm2(),
                                             pp.slice_spacing(self.spacing, self.axis), self._known_reach(name, areas))
         reachable = abs(limit - outermost)
+        halfway = halfway_limit(rule, reachable) if hard_reason == END_DRAWN and bound_reason != END_LENGTH else None
+        if halfway is not None and halfway < min(bound, reachable):
+            bound, bound_reason = halfway, END_HALFWAY
         path = [outermost + direction * d for d in range(1, min(bound, reachable) + 1)]
         walk: list[WalkStep] = []
         maps: dict[int, np.ndarray] = {}

@@ -4,9 +4,10 @@ Beyond the outermost slice a user drew, a box walk prompts the model slice by
 slice (:mod:`propagation`); each step leaves a :class:`WalkStep`. The walk
 decides how far the structure goes from three kinds of evidence:
 
-- the user's own labels: a labelled slice without the segment is a hard end,
-  and the spacing of the drawn slices is a soft bound (a structure drawn every
-  5 slices rarely runs 15 slices past the last one; a single drawn slice
+- the user's own labels: a labelled slice without the segment is a hard end
+  (and, without other evidence, the end is taken half way to it), and the
+  spacing of the drawn slices is a soft bound (a structure drawn every 5
+  slices rarely runs 15 slices past the last one; a single drawn slice
   bounds the extent by the structure's in-plane radius, as for a round lesion);
 - the image: how much the predicted region looks like the drawn structure in
   the encoder's features (:mod:`appearance`), relative to how the drawn
@@ -36,6 +37,7 @@ END_SPACING = "the spacing of the drawn slices bounds it"
 END_SIZE = "the drawn region's size bounds it"
 END_LENGTH = "its length in the adapter's training cases bounds it"
 END_TAPER = "its drawn area shrinks towards the end"
+END_HALFWAY = "half way to a labelled slice without it"
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,9 @@ class ExtentRule:
     # it moved ends both ways and left mean Dice where it was, though atlas ends drawn unevenly favour it
     # (README "Quality", scripts/extent_study.py)
     taper_bound: Optional[float] = None
+    # x the slices between the outermost drawn slice and a labelled slice without the segment: the end lies
+    # somewhere between, and without evidence half way is the least wrong guess (None: up to that slice)
+    halfway_bound: Optional[float] = 0.5
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -161,6 +166,20 @@ def spacing_limit(rule: ExtentRule, areas: Mapping[int, int], outermost: int, pi
         there = math.sqrt(max(areas[drawn[-1] if outermost == drawn[0] else drawn[0]], 0))
         reach, reason = beyond * (here / (here + there) if here + there > 0 else 0.5), END_LENGTH
     return max(1, int(round(reach))), reason
+
+
+def halfway_limit(rule: ExtentRule, between: int) -> Optional[int]:
+    """Slices a walk may go towards a labelled slice without the segment, ``between`` slices lying between.
+
+    The user said the structure is on the outermost drawn slice and not on
+    that one: its end is one of the ``between`` slices or the drawn one
+    itself, and with nothing else known each is as likely. ``halfway_bound``
+    x ``between`` (0.5: the middle, the guess with the smallest expected
+    error); None when the rule is off.
+    """
+    if rule.halfway_bound is None or between < 1:
+        return None
+    return max(1, int(round(rule.halfway_bound * between)))
 
 
 def decide_end(rule: ExtentRule, outermost: int, walk: Sequence[WalkStep], end_area: int,
