@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import Iterator, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -66,22 +67,32 @@ def place(first: int, last: int, count: int, placement: str, rng: np.random.Gene
     return sorted(rng.choice(inner, size=min(count, inner.size), replace=False).tolist())
 
 
-def structure_profiles(templates: Path):
-    """(area per slice) for every label, axis and slice thickness (1 and 3 mm, 1 mm isotropic atlases)."""
+def atlas_structures(templates: Path, grid: Optional[tuple[int, ...]] = None) -> Iterator[np.ndarray]:
+    """The mask of every atlas label of 200 voxels or more, the held-out ones left out.
+
+    ``grid``: only the atlases on that voxel grid (those drawn on ch2 share its shape).
+    """
     for atlas, held_out in ATLASES.items():
         names = label_names(templates, atlas)
         volume = sitk.GetArrayFromImage(sitk.ReadImage(str(templates / f"{atlas}.nii.gz"))).astype(np.int32)
+        if grid is not None and volume.shape != grid:
+            continue
         for label in np.unique(volume):
             name = names.get(int(label), str(label))
             if label == 0 or any(h in name for h in held_out):
                 continue
             mask = volume == label
-            if mask.sum() < 200:
-                continue
-            for axis in range(3):
-                areas = mask.sum(axis=tuple(i for i in range(3) if i != axis)).astype(float)
-                yield areas, 1.0
-                yield areas[::3], 3.0
+            if mask.sum() >= 200:
+                yield mask
+
+
+def structure_profiles(templates: Path):
+    """(area per slice) for every label, axis and slice thickness (1 and 3 mm, 1 mm isotropic atlases)."""
+    for mask in atlas_structures(templates):
+        for axis in range(3):
+            areas = mask.sum(axis=tuple(i for i in range(3) if i != axis)).astype(float)
+            yield areas, 1.0
+            yield areas[::3], 3.0
 
 
 def rules(drawn: list[int], areas: np.ndarray, step_mm: float, length: float) -> dict[str, tuple[int, int]]:
@@ -107,31 +118,24 @@ def image_change_past_ends(templates: Path) -> dict[str, np.ndarray]:
     """Intensity change under a slice's mask to the next slice out: past the true end vs from inside."""
     image = sitk.GetArrayFromImage(sitk.ReadImage(str(templates / "ch2.nii.gz"))).astype(np.float32)
     changes: dict[str, list[float]] = {"past the true end": [], "inside": []}
-    for atlas, held_out in ATLASES.items():
-        names = label_names(templates, atlas)
-        volume = sitk.GetArrayFromImage(sitk.ReadImage(str(templates / f"{atlas}.nii.gz"))).astype(np.int32)
-        if volume.shape != image.shape:
-            continue                                     # not drawn on ch2's grid
-        for label in np.unique(volume):
-            if label == 0 or any(h in names.get(int(label), str(label)) for h in held_out):
+    for structure in atlas_structures(templates, grid=image.shape):
+        for axis in range(3):
+            mask, intensity = np.moveaxis(structure, axis, 0), np.moveaxis(image, axis, 0)
+            occupied = np.flatnonzero(mask.any(axis=(1, 2)))
+            if occupied[-1] - occupied[0] < 6:
                 continue
-            for axis in range(3):
-                mask, intensity = np.moveaxis(volume == label, axis, 0), np.moveaxis(image, axis, 0)
-                occupied = np.flatnonzero(mask.any(axis=(1, 2)))
-                if mask.sum() < 200 or occupied[-1] - occupied[0] < 6:
-                    continue
 
-                def change(index: int, step: int) -> float:
-                    inside = mask[index]
-                    if not inside.any() or not 0 <= index + step < mask.shape[0]:
-                        return float("nan")
-                    return float(np.abs(intensity[index + step][inside] - intensity[index][inside]).mean())
+            def change(index: int, step: int) -> float:
+                inside = mask[index]
+                if not inside.any() or not 0 <= index + step < mask.shape[0]:
+                    return float("nan")
+                return float(np.abs(intensity[index + step][inside] - intensity[index][inside]).mean())
 
-                first, last = int(occupied[0]), int(occupied[-1])
-                typical = np.nanmedian([change(i, 1) for i in range(first + 1, last - 1)])
-                for end, step in ((first, -1), (last, 1)):
-                    changes["past the true end"].append(change(end, step) / typical)
-                    changes["inside"] += [change(end - step * d, step) / typical for d in (1, 2)]
+            first, last = int(occupied[0]), int(occupied[-1])
+            typical = np.nanmedian([change(i, 1) for i in range(first + 1, last - 1)])
+            for end, step in ((first, -1), (last, 1)):
+                changes["past the true end"].append(change(end, step) / typical)
+                changes["inside"] += [change(end - step * d, step) / typical for d in (1, 2)]
     return {k: np.array(v)[np.isfinite(v)] for k, v in changes.items()}
 
 
