@@ -30,8 +30,8 @@ from scipy import ndimage
 
 from . import preprocessing as pp
 from .appearance import SegmentAppearance, build_appearance
-from .extent import (END_DRAWN, END_EDGE, END_HALFWAY, END_LENGTH, END_RANGE, SegmentEnd, SegmentExtent, WalkStep,
-                     decide_end, halfway_limit, spacing_limit)
+from .extent import (END_DRAWN, END_EDGE, END_HALFWAY, END_RANGE, SegmentEnd, SegmentExtent, WalkStep, decide_end,
+                     halfway_limit, spacing_limit)
 from .interpolation import interpolate_segment
 from .slices import array_axis
 from .structure_length import drawn_length, reach_per_radius
@@ -202,10 +202,12 @@ class BoxPropagation:
             limit, hard_reason = range_edge, END_RANGE
         seed = pp.take_slice(drawn, self.axis, outermost)
         areas = {i: int(pp.take_slice(drawn, self.axis, i).sum()) for i in present}
+        known_reach = self._known_reach(name, areas)
         bound, bound_reason = spacing_limit(rule, areas, outermost, self._pixel_area_mm2(),
-                                            pp.slice_spacing(self.spacing, self.axis), self._known_reach(name, areas))
+                                            pp.slice_spacing(self.spacing, self.axis), known_reach)
         reachable = abs(limit - outermost)
-        halfway = halfway_limit(rule, reachable) if hard_reason == END_DRAWN and bound_reason != END_LENGTH else None
+        # A slice drawn without the segment halves the way to it, unless a known length places the end.
+        halfway = halfway_limit(rule, reachable) if hard_reason == END_DRAWN and known_reach is None else None
         if halfway is not None and halfway < min(bound, reachable):
             bound, bound_reason = halfway, END_HALFWAY
         path = [outermost + direction * d for d in range(1, min(bound, reachable) + 1)]
