@@ -13,7 +13,9 @@ import numpy as np
 
 from SALTSegmentLib.bench.cases import BenchCase
 from SALTSegmentLib.bench.quality import (QualityResults, QualityRun, evidence_table, merge_results,
-                                          quality_table, unlabelled_dice, write_quality_outputs)
+                                          quality_table, true_ends_shape_dice, unlabelled_dice,
+                                          write_quality_outputs)
+from SALTSegmentLib.interpolation import fill_between_slices
 from SALTSegmentLib.volume_io import Segment, VolumeGeometry
 
 
@@ -49,14 +51,32 @@ def test_per_structure_protocol_draws_inside_each_structure_and_leaves_its_ends(
     assert set(np.flatnonzero(drawn.any(axis=(1, 2)))) == set(labelled)
 
 
+def test_the_true_ends_oracle_carries_the_drawn_shape_to_where_each_structure_ends():
+    case = _case()
+    labelled = case.labelled_slices(3)
+    drawn = case.drawn(labelled)
+    fill = unlabelled_dice(fill_between_slices(drawn, "k"), case, labelled)
+    true_ends = true_ends_shape_dice(case, drawn, labelled)
+    assert true_ends["block"] > fill["block"] + 0.05      # slices 4-5 and 13-14 that Fill cannot reach
+    # Drawn on its first and last slices as well, a structure has nowhere further to go: Fill's score.
+    every_end = sorted(set(labelled) | {4, 14, 8, 11})
+    drawn = case.drawn(every_end)
+    assert true_ends_shape_dice(case, drawn, every_end) == unlabelled_dice(
+        fill_between_slices(drawn, "k"), case, every_end)
+
+
 def test_runs_made_apart_merge_into_one_table(tmp_path):
     first = QualityResults([_run("toy", "salt", 0.8)], {"toy": {"block": 0.7, "small": 0.5}})
     second = QualityResults([_run("other", "salt", 0.9), _run("other", "lora", 0.85)], {})
     documents = [json.loads(json.dumps(part.to_dict())) for part in (first, second)]
     merged = merge_results([QualityResults.from_dict(d) for d in documents])
     assert [(r.case, r.method) for r in merged.runs] == [("toy", "salt"), ("other", "salt"), ("other", "lora")]
+    merged.runs[0].true_ends_shape = {"block": 0.9, "small": 0.5}
     table = quality_table(merged)
     assert "| toy | 3 | 0.500 | 0.750 | nan |" in table       # Fill between slices, salt, no lora run on toy
+    assert "| toy | 3 | 0.500 | 0.750 | nan | 3/4 | 0.600 | 0.700 |" in table   # oracle box, true-ends shape
+    assert "| toy | 3 | block | 0.600 | 0.800 | nan | 0.700 | 0.900 |" in table
+    assert "| other | 3 | 0.500 | 0.850 | 0.800 | 3/4 | nan | nan |" in table   # runs recorded without either
     assert "| other | 3 | 0.500 | 0.850 | 0.800 | 3/4 |" in table      # ends of the first method only
     paths = write_quality_outputs(merged, tmp_path)
     assert [p.name for p in paths] == ["quality.json", "quality.md", "quality.png"]

@@ -6,6 +6,9 @@ For every case, labelling protocol and count, on the same drawn slices:
   :mod:`interpolation`): the free one-click baseline;
 - zero-shot LiteMedSAM with the reference box (+5 px) on every slice: an
   oracle no user has, per structure;
+- the drawn shape interpolated and closed at each structure's *true* ends:
+  an oracle of the extent, no model (what deciding every end right would
+  give if the shape between and past the drawn slices were left as it is);
 - the propagation (box mode) after fine-tuning each method, with its extents
   against the true ones, its leave-one-out estimate against the truth, and a
   second propagation with one more slice per structure drawn where the
@@ -25,6 +28,8 @@ import numpy as np
 
 from .. import preprocessing as pp
 from ..array_jobs import AdaptedModel, fine_tune, propagate
+from ..box_mode import closed_shape, compose_label_map
+from ..extent import SegmentEnd, SegmentExtent
 from ..host.choices import DEFAULT_STEPS
 from ..interpolation import fill_between_slices
 from ..metrics import dice
@@ -52,6 +57,23 @@ def unlabelled_dice(prediction: np.ndarray, case: BenchCase, labelled: Sequence[
 def true_extent(case: BenchCase, segment) -> tuple[int, int]:
     occupied = occupied_slices(case.reference == segment.label, case.axis)
     return occupied[0], occupied[-1]
+
+
+def true_ends_shape_dice(case: BenchCase, drawn: np.ndarray, labelled: Sequence[int]) -> dict[str, float]:
+    """Dice of the drawn shape interpolated and closed just past each structure's true first and last slice.
+
+    An oracle of the extent without a model: the box propagation's own shape
+    with every end decided right. What a run scores above it comes from the
+    model's masks; what it scores below, mostly from its ends.
+    """
+    masks = []
+    for segment in case.segments:
+        first, last = true_extent(case, segment)
+        known = SegmentExtent(segment.name, SegmentEnd(first, "true", 0), SegmentEnd(last, "true", 0))
+        own = drawn == segment.label
+        masks.append(closed_shape(own, case.axis, labelled, known) if own.any() else None)
+    labels = compose_label_map(masks, [s.label for s in case.segments], case.reference.shape)
+    return unlabelled_dice(labels, case, labelled)
 
 
 def zero_shot_box_dice(case: BenchCase, margin: int = 5) -> dict[str, float]:
@@ -94,6 +116,7 @@ class QualityRun:
     train_s: float
     propagate_s: float
     suggestion: Optional[dict] = None
+    true_ends_shape: Optional[dict[str, float]] = None   # per structure, :func:`true_ends_shape_dice`
 
     @property
     def mean_dice(self) -> float:
@@ -181,6 +204,7 @@ def bench_case(case: BenchCase, counts: Sequence[int], methods: Sequence[str], s
         labelled = case.labelled_slices(count, protocol)
         drawn = case.drawn(labelled)
         fill = unlabelled_dice(fill_between_slices(drawn, case.axis), case, labelled)
+        true_ends = true_ends_shape_dice(case, drawn, labelled)
         for method in methods:
             for seed in seeds:
                 data = FewShotData(case.image, drawn, case.geometry.spacing, case.segments,
@@ -196,7 +220,7 @@ def bench_case(case: BenchCase, counts: Sequence[int], methods: Sequence[str], s
                 run = QualityRun(case.name, protocol, count, labelled, method, seed,
                                  unlabelled_dice(result.labels, case, labelled), fill, within, total, extents,
                                  result.estimate.to_dict() if result.estimate else None,
-                                 round(trained.train_seconds, 1), round(propagate_s, 1))
+                                 round(trained.train_seconds, 1), round(propagate_s, 1), true_ends_shape=true_ends)
                 if suggest and method == methods[0] and seed == seeds[0] and case.kind == "anatomy":
                     run.suggestion = _suggestion_experiment(adapted, case, labelled, result, config)
                 runs.append(run)
@@ -229,12 +253,18 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def _true_ends(runs: Sequence[QualityRun]) -> dict[str, float]:
+    """The true-ends shape of a case and count (the same for all its runs; none in runs recorded before it)."""
+    return next((r.true_ends_shape for r in runs if r.true_ends_shape), {})
+
+
 def quality_table(results: QualityResults) -> str:
-    """Markdown: per case and count, Fill between slices, each method, the oracle; then per structure."""
+    """Markdown: per case and count, Fill between slices, each method, the two oracles; then per structure."""
     methods = list(dict.fromkeys(r.method for r in results.runs))
     lines = ["| case | drawn per structure | Fill between slices | " + " | ".join(methods)
-             + f" | ends within 2 slices ({methods[0] if methods else '-'}) | zero-shot oracle box |",
-             "|---|---|---|" + "---|" * len(methods) + "---|---|"]
+             + f" | ends within 2 slices ({methods[0] if methods else '-'}) | zero-shot oracle box "
+             "| shape at the true ends |",
+             "|---|---|---|" + "---|" * len(methods) + "---|---|---|"]
     keys = list(dict.fromkeys((r.case, r.count) for r in results.runs))
     for case, count in keys:
         runs = [r for r in results.runs if r.case == case and r.count == count]
@@ -243,16 +273,21 @@ def quality_table(results: QualityResults) -> str:
         within = sum(r.ends_within_2 for r in first)
         total = sum(r.ends for r in first)
         oracle = results.zero_shot.get(case)
+        true_ends = _true_ends(runs)
         lines.append(f"| {case} | {count} | {runs[0].mean_fill:.3f} | " + " | ".join(cells)
-                     + f" | {within}/{total} | {_mean(oracle.values()) if oracle else float('nan'):.3f} |")
+                     + f" | {within}/{total} | {_mean(oracle.values()) if oracle else float('nan'):.3f} "
+                     f"| {_mean(true_ends.values()):.3f} |")
     lines += ["", "| case | drawn | structure | Fill between slices | " + " | ".join(methods)
-              + " | zero-shot oracle box |", "|---|---|---|---|" + "---|" * len(methods) + "---|"]
+              + " | zero-shot oracle box | shape at the true ends |",
+              "|---|---|---|---|" + "---|" * len(methods) + "---|---|"]
     for case, count in keys:
         runs = [r for r in results.runs if r.case == case and r.count == count]
+        true_ends = _true_ends(runs)
         for structure, fill in runs[0].fill_between_slices.items():
             cells = [f"{_mean(r.dice[structure] for r in runs if r.method == m):.3f}" for m in methods]
             oracle = results.zero_shot.get(case, {}).get(structure, float("nan"))
-            lines.append(f"| {case} | {count} | {structure} | {fill:.3f} | " + " | ".join(cells) + f" | {oracle:.3f} |")
+            lines.append(f"| {case} | {count} | {structure} | {fill:.3f} | " + " | ".join(cells)
+                         + f" | {oracle:.3f} | {true_ends.get(structure, float('nan')):.3f} |")
     return "\n".join(lines)
 
 
