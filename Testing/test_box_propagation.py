@@ -249,3 +249,29 @@ def test_a_walk_towards_a_slice_drawn_without_the_segment_stops_half_way(lite_me
         ends.append(next(e for e in result.extents if e.name == "Thalamus_L").last)
     assert ends[0] == SegmentEnd(12, END_HALFWAY, 4)
     assert ends[1] == SegmentEnd(15, END_DRAWN, 7)
+
+
+def test_walks_a_bound_ended_keep_the_closing_shape_and_evidence_ended_ones_take_the_model(lite_medsam, prompts,
+                                                                                          crop, one_thread):
+    """From three drawn slices, walks cut by the spacing bound leave the shape closed towards their ends."""
+    from SALTSegmentLib.box_mode import closed_shape, compose_label_map, walk_fusion_weight
+    from SALTSegmentLib.extent import END_APPEARANCE, END_EMPTY, END_SIZE, END_SPACING, SegmentEnd
+
+    image, spacing, _, drawn, segments = crop
+    bound_only = ExtentRule(spacing_bound=0.4, min_similarity=0.0, min_area_ratio=0.0)   # 2 slices, no evidence stop
+    runs = {weight: _propagator(lite_medsam, prompts, crop, extent=bound_only, estimate=False,
+                                bounded_end_fusion=weight).run(image, spacing, drawn, DRAWN)
+            for weight in (0.0, 0.5)}
+    shape_only, blended = runs[0.0], runs[0.5]
+    assert [e.to_dict() for e in shape_only.extents] == [e.to_dict() for e in blended.extents]
+    assert all(end.reason == END_SPACING for e in shape_only.extents for end in (e.first, e.last))
+    closed = [closed_shape(drawn == s.label, "k", DRAWN, e) for s, e in zip(segments, shape_only.extents)]
+    np.testing.assert_array_equal(shape_only.labels, compose_label_map(closed, [s.label for s in segments],
+                                                                       drawn.shape))
+    assert not np.array_equal(blended.labels, shape_only.labels)        # the model's half does change them
+
+    def end(reason):
+        return SegmentEnd(0, reason, 2)
+    assert walk_fusion_weight(0.5, 0.0, end(END_SPACING), 3) == 0.0
+    assert walk_fusion_weight(0.5, 0.0, end(END_EMPTY), 3) == walk_fusion_weight(0.5, 0.0, end(END_APPEARANCE), 3) == 0.5
+    assert walk_fusion_weight(0.5, 0.0, end(END_SIZE), 1) == 0.5         # one drawn slice: the model is the shape

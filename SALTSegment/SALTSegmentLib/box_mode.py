@@ -9,10 +9,10 @@ For one segment:
    by slice (the segment's learned tokens plus a box around the previous
    answer); :mod:`extent` decides from its answers, the image features
    (:mod:`appearance`) and the user's label spacing where the segment ends.
-3. The interpolation closes the shape just past each end; on the slices the
+3. The interpolation closes the shape just past each end; on the slices a
    walk covered, the model's probabilities are blended with that closing
-   shape (``end_fusion``), and optionally between drawn slices too
-   (``inside_fusion``).
+   shape (:func:`walk_fusion_weight`), and optionally between drawn slices
+   too (``inside_fusion``).
 
 :class:`BoxPropagation` holds what one volume's run shares between segments
 (the embeddings made so far, the grid, the labelled slices), so the
@@ -30,8 +30,8 @@ from scipy import ndimage
 
 from . import preprocessing as pp
 from .appearance import SegmentAppearance, build_appearance
-from .extent import (END_DRAWN, END_EDGE, END_HALFWAY, END_RANGE, SegmentEnd, SegmentExtent, WalkStep, decide_end,
-                     halfway_limit, spacing_limit)
+from .extent import (END_DRAWN, END_EDGE, END_HALFWAY, END_RANGE, EVIDENCE_ENDS, SegmentEnd, SegmentExtent, WalkStep,
+                     decide_end, halfway_limit, spacing_limit)
 from .interpolation import interpolate_segment
 from .slices import array_axis
 from .structure_length import drawn_length, reach_per_radius
@@ -62,6 +62,24 @@ def soft_mask(mask: np.ndarray, softness: float = 1.0) -> np.ndarray:
     outside = ndimage.distance_transform_edt(~mask)
     signed = np.where(mask, inside - 0.5, 0.5 - outside)
     return (1.0 / (1.0 + np.exp(-signed / softness))).astype(np.float32)
+
+
+def walk_fusion_weight(end_fusion: float, bounded_end_fusion: float, end: SegmentEnd, drawn_slices: int) -> float:
+    """The model's weight against the closing shape on the slices one walk covered.
+
+    From a single drawn slice the closing shape is only that slice shrinking
+    away, so the model's masks are the shape there (``end_fusion``). From two
+    drawn slices or more, a walk that the model's own evidence ended (nothing
+    found, a sliver, an unlike region) followed the structure to where it
+    faded, and its masks are blended in the same way; a walk a bound ended
+    (the drawn spacing, half way, a labelled slice without it, an edge) was
+    cut where the model still saw a region, and near a tip those masks hold
+    more false than true voxels: the shape closed towards that end is kept
+    (``bounded_end_fusion``, README "Quality").
+    """
+    if drawn_slices <= 1 or end.reason in EVIDENCE_ENDS:
+        return end_fusion
+    return bounded_end_fusion
 
 
 @dataclass
@@ -133,7 +151,7 @@ class BoxPropagation:
         present = [i for i in labelled if pp.take_slice(drawn, self.axis, i).any()]
         if not present:
             return None
-        ends, walked = [], {}
+        ends, walks = [], []
         for side, direction in enumerate((-1, 1)):
             known = known_ends[side] if known_ends is not None else None
             if known is not None:
@@ -141,11 +159,15 @@ class BoxPropagation:
                 continue
             end, maps = self._walk_to_end(k, name, drawn, present, labelled, direction)
             ends.append(end)
-            walked.update(maps)
+            walks.append((end, maps))
         extent = SegmentExtent(name, ends[0], ends[1])
         shape = closed_shape(drawn, self.axis, labelled, extent)
-        if self.config.end_fusion > 0:
-            self._fuse(shape, walked, self.config.end_fusion)
+        walked = {}
+        for end, maps in walks:
+            walked.update(maps)
+            weight = walk_fusion_weight(self.config.end_fusion, self.config.bounded_end_fusion, end, len(present))
+            if weight > 0:
+                self._fuse(shape, maps, weight)
         if self.config.inside_fusion > 0:
             inside = {}
             between = [i for i in range(present[0] + 1, present[-1]) if i not in labelled]

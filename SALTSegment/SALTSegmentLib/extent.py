@@ -38,13 +38,15 @@ END_SIZE = "the drawn region's size bounds it"
 END_LENGTH = "its length in the adapter's training cases bounds it"
 END_TAPER = "its drawn area shrinks towards the end"
 END_HALFWAY = "half way to a labelled slice without it"
+# The ends the model's own answers decided; every other end is a bound.
+EVIDENCE_ENDS = (END_EMPTY, END_SHRANK, END_APPEARANCE)
 
 
 @dataclass(frozen=True)
 class ExtentRule:
     """Thresholds of the end decision (chosen on the development set; see README "Quality")."""
 
-    spacing_bound: float = 0.75       # x the user's label spacing beyond the outermost drawn slice
+    spacing_bound: float = 1.0        # x the user's label spacing beyond the outermost drawn slice
     radius_bound: float = 0.75        # x in-plane radius / slice spacing, when one slice is drawn
     min_similarity: float = 0.5       # x the drawn slices' own appearance score
     min_area_ratio: float = 0.1       # x the area of the outermost drawn slice

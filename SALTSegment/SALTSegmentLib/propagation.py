@@ -63,7 +63,8 @@ class PropagationConfig:
     cleanup: bool = True
     box_margin: float = 0.1          # of the box's size, each side (at least one pixel)
     extent: ExtentRule = field(default_factory=ExtentRule)
-    end_fusion: float = 0.5          # the model's weight against the closing shape beyond the drawn slices
+    end_fusion: float = 0.5          # the model's weight against the closing shape on walks its evidence ended
+    bounded_end_fusion: float = 0.0  # ... on walks a bound ended, from two drawn slices or more (box_mode)
     inside_fusion: float = 0.0       # the model's weight against the interpolated shape between drawn slices
     estimate: bool = True            # box mode: leave-one-out quality estimate and next-slice suggestions
     device: str = "auto"
