@@ -144,8 +144,10 @@ def spacing_limit(rule: ExtentRule, areas: Mapping[int, int], outermost: int, pi
     evenly, near the ends or at random inside them: with the length known to
     20%, sharing by radius puts 0.69 / 0.84 / 0.60 of the ends within two
     slices of the truth, sharing evenly 0.72 / 0.82 / 0.55, the drawing's
-    own guess 0.76 / 0.37 / 0.44 (known exactly, by radius: 0.91 / 0.99 /
-    0.71). A known length wins wherever the user does not draw evenly.
+    own guess 0.96 / 0.28 / 0.37 at a spacing bound of 1.0 (0.76 / 0.37 /
+    0.44 at 0.75: evenly drawn slices sit one gap inside the ends, which
+    1.0 matches) (known exactly, by radius: 0.91 / 0.99 / 0.71). A known
+    length wins wherever the user does not draw evenly.
     """
     drawn = sorted(areas)
     end_area = areas[outermost]
