@@ -11,7 +11,11 @@ import json
 
 import numpy as np
 
-from SALTSegmentLib.bench.cases import BenchCase
+import dataclasses
+
+import pytest
+
+from SALTSegmentLib.bench.cases import NEAR_END_INSET, BenchCase
 from SALTSegmentLib.bench.quality import (QualityResults, QualityRun, evidence_table, merge_results,
                                           quality_table, true_ends_shape_dice, unlabelled_dice,
                                           write_quality_outputs)
@@ -51,6 +55,30 @@ def test_per_structure_protocol_draws_inside_each_structure_and_leaves_its_ends(
     assert set(np.flatnonzero(drawn.any(axis=(1, 2)))) == set(labelled)
 
 
+def test_near_ends_protocol_draws_from_two_slices_inside_each_end():
+    case = _case()
+    assert {4 + NEAR_END_INSET, 9, 14 - NEAR_END_INSET} <= set(case.labelled_slices(3, "near_ends"))
+    labelled = case.labelled_slices(2, "near_ends")
+    # block 4..14: its two drawn slices NEAR_END_INSET inside its ends, where even drawing puts them at 7 and 11
+    assert {4 + NEAR_END_INSET, 14 - NEAR_END_INSET} <= set(labelled)
+    assert {7, 11} <= set(case.labelled_slices(2)) and not {7, 11} & set(labelled)
+    # the small one (8..11) is too short to leave two slices at its ends: drawn as the even protocol draws it
+    assert set(labelled) - {4 + NEAR_END_INSET, 14 - NEAR_END_INSET} == {9, 10}
+
+
+def test_random_protocol_stays_inside_each_structure_and_repeats():
+    case = _case()
+    labelled = case.labelled_slices(3, "random")
+    assert labelled == case.labelled_slices(3, "random")   # repeatable: the same slices for every method
+    assert all(5 <= s <= 13 for s in labelled)             # never the block's end slices 4 and 14
+    block = [s for s in labelled if case.reference[s].max() >= 1]
+    assert len(block) >= 3
+    placements = {tuple(case.labelled_slices(3, "random")) for _ in range(3)}
+    assert len(placements) == 1
+    with pytest.raises(ValueError, match="near_ends"):
+        case.labelled_slices(3, "inset")
+
+
 def test_the_true_ends_oracle_carries_the_drawn_shape_to_where_each_structure_ends():
     case = _case()
     labelled = case.labelled_slices(3)
@@ -82,6 +110,16 @@ def test_runs_made_apart_merge_into_one_table(tmp_path):
     assert [p.name for p in paths] == ["quality.json", "quality.md", "quality.png"]
     assert all(p.stat().st_size > 0 for p in paths)
     assert len(json.loads(paths[0].read_text())["runs"]) == 3
+
+
+def test_each_protocol_gets_its_own_rows(tmp_path):
+    even = _run("toy", "salt", 0.8)
+    near = dataclasses.replace(_run("toy", "salt", 0.6), protocol="near_ends")
+    table = quality_table(QualityResults([even, near]))
+    assert "| toy | 3 | 0.500 | 0.750 | 3/4 |" in table       # not averaged with the near-end run
+    assert "| toy | 3, near ends | 0.500 | 0.550 | 3/4 |" in table
+    assert "| toy | 3, near ends | block | 0.600 | 0.600 |" in table
+    assert write_quality_outputs(QualityResults([even, near]), tmp_path)[2].stat().st_size > 0
 
 
 def test_the_estimate_and_the_extra_slice_experiment_are_tabled_beside_what_the_run_scored(tmp_path):

@@ -45,6 +45,17 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated slice numbers, got '{text}'") from None
 
 
+def _protocol_list(text: str) -> list[str]:
+    from .bench.cases import PROTOCOLS
+
+    names = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [name for name in names if name not in PROTOCOLS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown labelling protocol '{','.join(unknown) or text}'; "
+                                         f"choose from {', '.join(PROTOCOLS)}")
+    return list(dict.fromkeys(names))
+
+
 def _slice_range(text: str) -> tuple[int, int]:
     try:
         first, last = (int(part) for part in text.split(":"))
@@ -218,8 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cases", help="quality: comma-separated case names of the development set (default: all)")
     bench.add_argument("--counts", type=_int_list, default=[3, 5],
                        help="quality: drawn slices per structure (anatomy; lesions get their middle slice)")
-    bench.add_argument("--protocol", choices=("per_structure", "global"), default="per_structure",
-                       help="quality: draw COUNT slices inside each structure, or spread COUNT over all of them")
+    bench.add_argument("--protocol", type=_protocol_list, default=["per_structure"], metavar="NAME[,NAME...]",
+                       help="quality: where the user draws: COUNT slices evenly inside each structure "
+                            "(per_structure), evenly from two slices inside its ends (near_ends), at random "
+                            "inside it (random), or COUNT over all structures (global); several run in turn")
     bench.add_argument("--methods", default="salt,lora", help="quality: methods")
     bench.add_argument("--seeds", type=_int_list, default=[0])
     bench.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS)

@@ -5,12 +5,22 @@ always one; ``scripts/make_dev_set.py`` writes the development set (real CT
 and MR, anatomy and lesions, from registry packages) with a ``cases.json``.
 
 Labelling protocols simulate the radiologist: each structure gets ``count``
-slices spread inside its extent, its first and last slices left out (they are
-where a user is least sure), and every structure present on a chosen slice is
-drawn there, so a chosen slice without a structure tells the truth ("not
-here"). A structure too short for that (a lesion on three slices) gets its
-middle slice. ``global`` spreads ``count`` slices over all structures together,
-as the demo does.
+slices inside its extent, its first and last slices left out (they are where a
+user is least sure), and every structure present on a chosen slice is drawn
+there, so a chosen slice without a structure tells the truth ("not here"). A
+structure too short for that (a lesion on three slices) gets its middle slice.
+Users do not all draw alike, and where they draw decides how far propagation
+must reach past the drawn slices, so there are three placements:
+
+``per_structure``  evenly, as if the ends were slices too: the outermost drawn
+                   slices sit one label gap inside the ends;
+``near_ends``      evenly from ``NEAR_END_INSET`` slices inside each end: the
+                   user drew close to where the structure stops;
+``random``         anywhere inside the extent (a fixed generator per
+                   structure and count, so runs are repeatable).
+
+``global`` spreads ``count`` slices over all structures together, as the demo
+does.
 """
 
 from __future__ import annotations
@@ -26,7 +36,8 @@ from ..sample_data import sample_paths, spread_slices
 from ..slices import array_axis, occupied_slices, put_back_slices
 from ..volume_io import Segment, VolumeGeometry, read_image, read_label_map
 
-PROTOCOLS = ("per_structure", "global")
+PROTOCOLS = ("per_structure", "near_ends", "random", "global")
+NEAR_END_INSET = 2      # near_ends: slices between each true end and the outermost drawn slice
 
 
 @dataclass
@@ -46,12 +57,16 @@ class BenchCase:
         """The slices a user would draw: ``count`` per structure (or spread over all, ``global``)."""
         if protocol == "global":
             return spread_slices(self.reference, count, array_axis(self.axis))
-        if protocol != "per_structure":
-            raise ValueError(f"Unknown labelling protocol '{protocol}'; choose {' or '.join(PROTOCOLS)}")
+        placements = {"per_structure": lambda first, last, segment: slices_inside(first, last, count),
+                      "near_ends": lambda first, last, segment: slices_near_ends(first, last, count),
+                      "random": lambda first, last, segment: random_slices_inside(
+                          first, last, count, np.random.default_rng([segment.label, count]))}
+        if protocol not in placements:
+            raise ValueError(f"Unknown labelling protocol '{protocol}'; choose {', '.join(PROTOCOLS)}")
         chosen: set[int] = set()
         for segment in self.segments:
             occupied = occupied_slices(self.reference == segment.label, self.axis)
-            chosen.update(slices_inside(occupied[0], occupied[-1], count))
+            chosen.update(placements[protocol](occupied[0], occupied[-1], segment))
         return sorted(chosen)
 
     def drawn(self, labelled: list[int]) -> np.ndarray:
@@ -67,6 +82,29 @@ def slices_inside(first: int, last: int, count: int) -> list[int]:
     if last - first + 1 <= count:
         return [(first + last) // 2]
     return sorted({int(round(p)) for p in np.linspace(first, last, count + 2)[1:-1]})
+
+
+def slices_near_ends(first: int, last: int, count: int, inset: int = NEAR_END_INSET) -> list[int]:
+    """``count`` slices spread evenly from ``inset`` slices inside ``first`` to as far inside ``last``.
+
+    A structure too short to leave ``inset`` slices at each end with
+    ``count`` slices between is drawn as :func:`slices_inside` draws it.
+    """
+    if last - first + 1 < count + 2 * inset:
+        return slices_inside(first, last, count)
+    return sorted({int(round(p)) for p in np.linspace(first + inset, last - inset, count)})
+
+
+def random_slices_inside(first: int, last: int, count: int, generator: np.random.Generator) -> list[int]:
+    """``count`` distinct slices drawn at random strictly inside ``first``..``last`` (its end slices not drawn).
+
+    A structure with no more than ``count`` slices inside its ends is drawn
+    as :func:`slices_inside` draws it.
+    """
+    inside = np.arange(first + 1, last)
+    if inside.size <= count:
+        return slices_inside(first, last, count)
+    return sorted(int(i) for i in generator.choice(inside, count, replace=False))
 
 
 def sample_case() -> BenchCase:

@@ -235,14 +235,18 @@ def bench_case(case: BenchCase, counts: Sequence[int], methods: Sequence[str], s
 
 
 def bench_quality(cases: Sequence[BenchCase], counts: Sequence[int] = (3, 5), methods: Sequence[str] = ("salt",),
-                  seeds: Sequence[int] = (0,), steps: int = DEFAULT_STEPS, protocol: str = "per_structure",
-                  lesion_counts: Sequence[int] = (1,), oracle: bool = True, suggest: bool = True,
-                  say: Say = print) -> QualityResults:
-    """Quality over cases: anatomy at ``counts`` slices per structure, lesions at ``lesion_counts``."""
+                  seeds: Sequence[int] = (0,), steps: int = DEFAULT_STEPS,
+                  protocols: Sequence[str] = ("per_structure",), lesion_counts: Sequence[int] = (1,),
+                  oracle: bool = True, suggest: bool = True, say: Say = print) -> QualityResults:
+    """Quality over cases: anatomy at ``counts`` slices per structure in each of ``protocols``, lesions at
+    ``lesion_counts`` (a lesion's few slices leave no choice of placement: it runs once, ``per_structure``)."""
     results = QualityResults()
     for case in cases:
-        case_counts = lesion_counts if case.kind == "lesion" else counts
-        results.runs.extend(bench_case(case, case_counts, methods, seeds, steps, protocol, suggest, say))
+        if case.kind == "lesion":
+            results.runs.extend(bench_case(case, lesion_counts, methods, seeds, steps, "per_structure", suggest, say))
+        else:
+            for protocol in protocols:
+                results.runs.extend(bench_case(case, counts, methods, seeds, steps, protocol, suggest, say))
         if oracle:
             results.zero_shot[case.name] = zero_shot_box_dice(case)
     return results
@@ -251,6 +255,19 @@ def bench_quality(cases: Sequence[BenchCase], counts: Sequence[int] = (3, 5), me
 def _mean(values) -> float:
     values = list(values)
     return float(np.mean(values)) if values else float("nan")
+
+
+def drawn_label(protocol: str, count: int) -> str:
+    """The "drawn per structure" cell: the count, and where it was drawn unless evenly (``per_structure``)."""
+    return str(count) if protocol == "per_structure" else f"{count}, {protocol.replace('_', ' ')}"
+
+
+def _keys(results: QualityResults) -> list[tuple[str, str, int]]:
+    return list(dict.fromkeys((r.case, r.protocol, r.count) for r in results.runs))
+
+
+def _runs_of(results: QualityResults, key: tuple[str, str, int]) -> list[QualityRun]:
+    return [r for r in results.runs if (r.case, r.protocol, r.count) == key]
 
 
 def _true_ends(runs: Sequence[QualityRun]) -> dict[str, float]:
@@ -265,28 +282,28 @@ def quality_table(results: QualityResults) -> str:
              + f" | ends within 2 slices ({methods[0] if methods else '-'}) | zero-shot oracle box "
              "| shape at the true ends |",
              "|---|---|---|" + "---|" * len(methods) + "---|---|---|"]
-    keys = list(dict.fromkeys((r.case, r.count) for r in results.runs))
-    for case, count in keys:
-        runs = [r for r in results.runs if r.case == case and r.count == count]
+    keys = _keys(results)
+    for case, protocol, count in keys:
+        runs = _runs_of(results, (case, protocol, count))
         cells = [f"{_mean(r.mean_dice for r in runs if r.method == m):.3f}" for m in methods]
         first = [r for r in runs if r.method == methods[0]]   # ends of one method, not summed over methods
         within = sum(r.ends_within_2 for r in first)
         total = sum(r.ends for r in first)
         oracle = results.zero_shot.get(case)
         true_ends = _true_ends(runs)
-        lines.append(f"| {case} | {count} | {runs[0].mean_fill:.3f} | " + " | ".join(cells)
+        lines.append(f"| {case} | {drawn_label(protocol, count)} | {runs[0].mean_fill:.3f} | " + " | ".join(cells)
                      + f" | {within}/{total} | {_mean(oracle.values()) if oracle else float('nan'):.3f} "
                      f"| {_mean(true_ends.values()):.3f} |")
     lines += ["", "| case | drawn | structure | Fill between slices | " + " | ".join(methods)
               + " | zero-shot oracle box | shape at the true ends |",
               "|---|---|---|---|" + "---|" * len(methods) + "---|---|"]
-    for case, count in keys:
-        runs = [r for r in results.runs if r.case == case and r.count == count]
+    for case, protocol, count in keys:
+        runs = _runs_of(results, (case, protocol, count))
         true_ends = _true_ends(runs)
         for structure, fill in runs[0].fill_between_slices.items():
             cells = [f"{_mean(r.dice[structure] for r in runs if r.method == m):.3f}" for m in methods]
             oracle = results.zero_shot.get(case, {}).get(structure, float("nan"))
-            lines.append(f"| {case} | {count} | {structure} | {fill:.3f} | " + " | ".join(cells)
+            lines.append(f"| {case} | {drawn_label(protocol, count)} | {structure} | {fill:.3f} | " + " | ".join(cells)
                          + f" | {oracle:.3f} | {true_ends.get(structure, float('nan')):.3f} |")
     return "\n".join(lines)
 
@@ -313,7 +330,7 @@ def evidence_table(results: QualityResults) -> str:
         return f"{document:.3f}" if isinstance(document, (int, float)) else "-"
 
     for r in rows:
-        lines.append(f"| {r.case} | {r.count} | {r.method} | {r.seed} | {r.mean_dice:.3f} "
+        lines.append(f"| {r.case} | {drawn_label(r.protocol, r.count)} | {r.method} | {r.seed} | {r.mean_dice:.3f} "
                      f"| {cell(r.estimate, 'propagation')} | {r.mean_fill:.3f} "
                      f"| {cell(r.estimate, 'fill_between_slices')} | {cell(r.suggestion, 'mean_dice', 'suggested')} "
                      f"| {cell(r.suggestion, 'mean_dice', 'even')} |")
@@ -322,21 +339,21 @@ def evidence_table(results: QualityResults) -> str:
 
 def write_quality_outputs(results: QualityResults, folder: Path) -> tuple[Path, Path, Path]:
     """quality.json, quality.md and quality.png (per case: Fill between slices vs each method)."""
-    keys = list(dict.fromkeys((r.case, r.count) for r in results.runs))
+    keys = _keys(results)
     methods = list(dict.fromkeys(r.method for r in results.runs))
     figure, axes = new_figure(max(6, 0.9 * len(keys) + 2))
     positions = np.arange(len(keys))
     width = 0.8 / (len(methods) + 2)
-    fill = [next(r.mean_fill for r in results.runs if (r.case, r.count) == key) for key in keys]
+    fill = [_runs_of(results, key)[0].mean_fill for key in keys]
     axes.bar(positions - width * (len(methods) + 1) / 2, fill, width, label="Fill between slices", color="grey")
     for offset, method in enumerate(methods, start=1):
-        values = [_mean(r.mean_dice for r in results.runs if (r.case, r.count) == key and r.method == method)
-                  for key in keys]
+        values = [_mean(r.mean_dice for r in _runs_of(results, key) if r.method == method) for key in keys]
         axes.bar(positions - width * (len(methods) + 1) / 2 + offset * width, values, width, label=method)
-    oracle = [_mean(results.zero_shot.get(case, {}).values()) for case, _ in keys]
+    oracle = [_mean(results.zero_shot.get(case, {}).values()) for case, _, _ in keys]
     axes.scatter(positions, oracle, marker="_", s=300, color="black", label="zero-shot oracle box", zorder=3)
     axes.set_xticks(positions)
-    axes.set_xticklabels([f"{case}\n{count}/structure" for case, count in keys], rotation=30, ha="right",
+    axes.set_xticklabels([f"{case}\n{drawn_label(protocol, count)} per structure" for case, protocol, count in keys],
+                         rotation=30, ha="right",
                          fontsize=7)
     axes.set_ylabel("Dice, unlabelled slices")
     axes.set_ylim(0, 1)
