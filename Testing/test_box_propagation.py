@@ -258,7 +258,8 @@ def test_walks_a_bound_ended_keep_the_closing_shape_and_evidence_ended_ones_take
     from SALTSegmentLib.extent import END_APPEARANCE, END_EMPTY, END_SIZE, END_SPACING, SegmentEnd
 
     image, spacing, _, drawn, segments = crop
-    bound_only = ExtentRule(spacing_bound=0.4, min_similarity=0.0, min_area_ratio=0.0)   # 2 slices, no evidence stop
+    # 2 slices past each end, no evidence stop, no taper: the spacing bound alone ends every walk
+    bound_only = ExtentRule(spacing_bound=0.4, min_similarity=0.0, min_area_ratio=0.0, taper_bound=None)
     runs = {weight: _propagator(lite_medsam, prompts, crop, extent=bound_only, estimate=False,
                                 bounded_end_fusion=weight).run(image, spacing, drawn, DRAWN)
             for weight in (0.0, 0.5)}

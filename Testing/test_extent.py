@@ -12,7 +12,7 @@ from SALTSegmentLib.extent import (END_APPEARANCE, END_EDGE, END_EMPTY, END_LENG
                                    END_TAPER, ExtentRule, SegmentEnd, SegmentExtent, WalkStep, decide_end,
                                    equivalent_radius_slices, halfway_limit, label_spacing, spacing_limit)
 
-RULE = ExtentRule(spacing_bound=1.0, radius_bound=1.0, min_similarity=0.6, min_area_ratio=0.1)
+RULE = ExtentRule(spacing_bound=1.0, radius_bound=1.0, min_similarity=0.6, min_area_ratio=0.1, taper_bound=None)
 
 
 def _walk(start, step, areas, similarities=None):
@@ -56,6 +56,9 @@ def test_a_drawn_area_that_shrinks_towards_the_end_caps_the_reach_where_set():
     assert spacing_limit(tapering, {10: 400, 20: 100}, 10, 1.0, 1.0) == (10, END_SPACING)   # growing that way
     assert spacing_limit(tapering, {10: 400, 20: 390}, 20, 1.0, 1.0) == (10, END_SPACING)   # barely shrinking
     assert spacing_limit(RULE, {10: 400, 20: 100}, 20, 1.0, 1.0) == (10, END_SPACING)        # not set
+    # The default takes half that distance: drawn small near the end, the end is near.
+    assert spacing_limit(ExtentRule(), {10: 400, 20: 100}, 20, 1.0, 1.0) == (2, END_TAPER)
+    assert spacing_limit(ExtentRule(), {10: 400, 20: 100}, 10, 1.0, 1.0) == (10, END_SPACING)
 
 
 def test_the_training_cases_length_of_a_structure_bounds_the_walks():

@@ -107,9 +107,10 @@ def rules(drawn: list[int], areas: np.ndarray, step_mm: float, length: float) ->
                      for end in (drawn[0], drawn[-1]))
 
     evenly = max(1, int(round(max(length - (drawn[-1] - drawn[0]), 0) / 2)))
-    return {"drawing only": both(ExtentRule()),
+    return {"drawing only (spacing)": both(ExtentRule(taper_bound=None)),
+            "drawing only, spacing 0.75": both(ExtentRule(spacing_bound=0.75, taper_bound=None)),
+            "drawing, area taper x0.5 (default)": both(ExtentRule()),
             "drawing, area taper x1": both(ExtentRule(taper_bound=1.0)),
-            "drawing, area taper x1.5": both(ExtentRule(taper_bound=1.5)),
             "known length, shared by radius": both(ExtentRule(), known),
             "known length, shared evenly": (evenly, evenly)}
 
@@ -164,14 +165,14 @@ def main() -> None:
         print(f"\nknown length {'exact' if not noise else f'with {noise:.0%} error'}: "
               "share of ends within 2 slices (mean absolute error, slices)")
         names = sorted({k[2] for k in errors})
-        print(f"{'rule':34s}" + "".join(f"{p:>18s}" for p in PLACEMENTS))
+        print(f"{'rule':36s}" + "".join(f"{p:>18s}" for p in PLACEMENTS))
         for name in names:
             cells = []
             for placement in PLACEMENTS:
                 e = np.abs(np.array(errors[(noise, placement, name)]))
                 cells.append(f"{np.mean(e <= 2):.3f} ({e.mean():.2f})")
-            print(f"{name:34s}" + "".join(f"{c:>18s}" for c in cells))
-    print(f"\n{len(errors[(0.0, 'even', 'drawing only')])} ends per placement")
+            print(f"{name:36s}" + "".join(f"{c:>18s}" for c in cells))
+    print(f"\n{len(errors[(0.0, 'even', 'drawing only (spacing)')])} ends per placement")
     print("\nintensity change under a slice's mask to the next slice out (x the structure's median change):")
     for name, values in image_change_past_ends(args.templates).items():
         quartiles = " / ".join(f"{q:.2f}" for q in np.percentile(values, [25, 50, 75]))

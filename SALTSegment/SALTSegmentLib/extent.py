@@ -8,7 +8,9 @@ decides how far the structure goes from three kinds of evidence:
   (and, without other evidence, the end is taken half way to it), and the
   spacing of the drawn slices is a soft bound (a structure drawn every 5
   slices rarely runs 15 slices past the last one; a single drawn slice
-  bounds the extent by the structure's in-plane radius, as for a round lesion);
+  bounds the extent by the structure's in-plane radius, as for a round lesion),
+  tightened where the drawn area shrinks towards the outermost drawn slice
+  (drawn small, the end is near);
 - the image: how much the predicted region looks like the drawn structure in
   the encoder's features (:mod:`appearance`), relative to how the drawn
   slices themselves score;
@@ -50,10 +52,11 @@ class ExtentRule:
     radius_bound: float = 0.75        # x in-plane radius / slice spacing, when one slice is drawn
     min_similarity: float = 0.5       # x the drawn slices' own appearance score
     min_area_ratio: float = 0.1       # x the area of the outermost drawn slice
-    # x the distance at which the drawn area's shrinking would reach zero; off (None): on the development set
-    # it moved ends both ways and left mean Dice where it was, though atlas ends drawn unevenly favour it
-    # (README "Quality", scripts/extent_study.py)
-    taper_bound: Optional[float] = None
+    # x the distance at which the drawn area's shrinking (next drawn slice -> outermost) would reach zero:
+    # a user who drew close to the end drew it small. The spacing bound alone assumes evenly drawn slices, one
+    # gap inside the ends; drawn near the ends or at random it overshoots (README "Quality", near_ends and
+    # random protocols; scripts/extent_study.py). None: off
+    taper_bound: Optional[float] = 0.5
     # x the slices between the outermost drawn slice and a labelled slice without the segment: the end lies
     # somewhere between, and without evidence half way is the least wrong guess (None: up to that slice)
     halfway_bound: Optional[float] = 0.5
@@ -146,8 +149,9 @@ def spacing_limit(rule: ExtentRule, areas: Mapping[int, int], outermost: int, pi
     slices of the truth, sharing evenly 0.72 / 0.82 / 0.55, the drawing's
     own guess 0.96 / 0.28 / 0.37 at a spacing bound of 1.0 (0.76 / 0.37 /
     0.44 at 0.75: evenly drawn slices sit one gap inside the ends, which
-    1.0 matches) (known exactly, by radius: 0.91 / 0.99 / 0.71). A known
-    length wins wherever the user does not draw evenly.
+    1.0 matches), 0.82 / 0.60 / 0.53 with the taper at 0.5 (the default)
+    (known exactly, by radius: 0.91 / 0.99 / 0.71). A known length wins
+    wherever the user does not draw evenly.
     """
     drawn = sorted(areas)
     end_area = areas[outermost]
