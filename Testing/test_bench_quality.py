@@ -7,12 +7,10 @@ change the published numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
-
-import dataclasses
-
 import pytest
 
 from SALTSegmentLib.bench.cases import NEAR_END_INSET, BenchCase
@@ -71,10 +69,7 @@ def test_random_protocol_stays_inside_each_structure_and_repeats():
     labelled = case.labelled_slices(3, "random")
     assert labelled == case.labelled_slices(3, "random")   # repeatable: the same slices for every method
     assert all(5 <= s <= 13 for s in labelled)             # never the block's end slices 4 and 14
-    block = [s for s in labelled if case.reference[s].max() >= 1]
-    assert len(block) >= 3
-    placements = {tuple(case.labelled_slices(3, "random")) for _ in range(3)}
-    assert len(placements) == 1
+    assert len([s for s in labelled if (case.reference[s] == 1).any()]) >= 3   # three on the block
     with pytest.raises(ValueError, match="near_ends"):
         case.labelled_slices(3, "inset")
 

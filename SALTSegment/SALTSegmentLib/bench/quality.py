@@ -353,8 +353,7 @@ def write_quality_outputs(results: QualityResults, folder: Path) -> tuple[Path, 
     axes.scatter(positions, oracle, marker="_", s=300, color="black", label="zero-shot oracle box", zorder=3)
     axes.set_xticks(positions)
     axes.set_xticklabels([f"{case}\n{drawn_label(protocol, count)} per structure" for case, protocol, count in keys],
-                         rotation=30, ha="right",
-                         fontsize=7)
+                         rotation=30, ha="right", fontsize=7)
     axes.set_ylabel("Dice, unlabelled slices")
     axes.set_ylim(0, 1)
     axes.grid(axis="y", alpha=0.3)
