@@ -276,3 +276,27 @@ def test_walks_a_bound_ended_keep_the_closing_shape_and_evidence_ended_ones_take
     assert walk_fusion_weight(0.5, 0.0, end(END_SPACING), 3) == 0.0
     assert walk_fusion_weight(0.5, 0.0, end(END_EMPTY), 3) == walk_fusion_weight(0.5, 0.0, end(END_APPEARANCE), 3) == 0.5
     assert walk_fusion_weight(0.5, 0.0, end(END_SIZE), 1) == 0.5         # one drawn slice: the model is the shape
+
+
+def test_the_model_joins_the_interpolated_shape_only_far_from_drawn_slices():
+    from SALTSegmentLib.box_mode import slices_far_from_drawn
+
+    # drawn 10, 20 (labelled 14 without the segment): 13..17 are 3+ slices from 10 and 20, 14 is labelled
+    assert slices_far_from_drawn([10, 20], [10, 14, 20], 3, 1.0) == [13, 15, 16, 17]
+    assert slices_far_from_drawn([10, 24], [10, 24], 3, 0.5) == [16, 17, 18]      # 3 mm: 6 slices of 0.5 mm
+    assert slices_far_from_drawn([10, 20], [10, 20], 3, 5.0) == [13, 14, 15, 16, 17]  # thick: still 3 slices
+    assert slices_far_from_drawn([10, 14], [10, 14], 3, 1.0) == []                # a gap of 4 has none
+    assert slices_far_from_drawn([10], [10], 1, 1.0) == []                        # one drawn slice: no gap
+
+
+def test_between_drawn_slices_the_model_changes_only_the_far_slices(lite_medsam, prompts, crop, one_thread):
+    """Drawn 5 apart, no slice is 3 from a drawing (the shape stays); from 2, slices 5, 6, 10, 11 take the model."""
+    image, spacing, _, drawn, _ = crop
+    fixed = dict(estimate=False, extent=ExtentRule(spacing_bound=0.4, min_similarity=0.0, min_area_ratio=0.0))
+    runs = {(weight, start): _propagator(lite_medsam, prompts, crop, inside_fusion=weight, inside_fusion_from=start,
+                                         **fixed).run(image, spacing, drawn, DRAWN)
+            for weight, start in ((0.0, 3), (0.3, 3), (0.3, 2))}
+    shape_only = runs[(0.0, 3)].labels
+    np.testing.assert_array_equal(runs[(0.3, 3)].labels, shape_only)
+    changed = [i for i in range(COUNT) if not np.array_equal(runs[(0.3, 2)].labels[i], shape_only[i])]
+    assert changed and set(changed) <= {5, 6, 10, 11}
