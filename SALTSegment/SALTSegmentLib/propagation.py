@@ -65,7 +65,7 @@ class PropagationConfig:
     extent: ExtentRule = field(default_factory=ExtentRule)
     end_fusion: float = 0.5          # the model's weight against the closing shape on walks its evidence ended
     bounded_end_fusion: float = 0.0  # ... on walks a bound ended, from two drawn slices or more (box_mode)
-    inside_fusion: float = 0.3       # the model's weight against the interpolated shape between drawn slices ...
+    inside_fusion: float = 0.2       # the model's weight against the interpolated shape between drawn slices ...
     inside_fusion_from: int = 3      # ... on slices at least this many slices and millimetres from a drawn one
     estimate: bool = True            # box mode: leave-one-out quality estimate and next-slice suggestions
     device: str = "auto"
