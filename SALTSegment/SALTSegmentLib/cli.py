@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     propagate.add_argument("--labels", help="the labels you drew: kept exactly, and seeds for --mode box")
     propagate.add_argument("--mode", choices=MODES,
                            help="box (default with --labels): your drawn slices interpolated (the model blended in "
-                                "3+ slices from them), each structure's ends found by the model; interpolate: Slicer's Fill between slices alone; "
+                                "3+ slices from them), each structure's ends found by the model; "
+                                "interpolate: Slicer's Fill between slices alone; "
                                 "auto (default without --labels): learned prompts on every slice")
     propagate.add_argument("--range", type=_slice_range, dest="slice_range", help="FIRST:LAST slices (inclusive)")
     propagate.add_argument("--match-by", choices=MATCH_MODES, default="auto",
