@@ -62,9 +62,23 @@ def _dice(a, b):
 
 
 @pytest.fixture(scope="module")
-def box_result(lite_medsam, prompts, crop, one_thread):
+def box_run(lite_medsam, prompts, crop, one_thread):
+    """The default box run on the crop, with the progress it reported."""
     image, spacing, _, drawn, _ = crop
-    return _propagator(lite_medsam, prompts, crop).run(image, spacing, drawn, DRAWN)
+    progress = []
+    result = _propagator(lite_medsam, prompts, crop).run(image, spacing, drawn, DRAWN, on_progress=progress.append)
+    return result, progress
+
+
+@pytest.fixture(scope="module")
+def box_result(box_run):
+    return box_run[0]
+
+
+def test_progress_counts_each_segment_then_each_segments_estimate(box_run, crop):
+    segments = crop[4]
+    steps = [(p.done, p.total) for p in box_run[1]]
+    assert steps == [(done, 2 * len(segments)) for done in range(1, 2 * len(segments) + 1)]
 
 
 def test_interpolate_mode_is_fill_between_slices(lite_medsam, prompts, crop):

@@ -21,7 +21,7 @@ slices, or the far end of a stretch the walk extrapolated on soft evidence.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -73,7 +73,8 @@ class QualityEstimate:
 
 
 def leave_one_out(run: BoxPropagation, segments: Sequence[Segment], user_labels: np.ndarray,
-                  labelled: Sequence[int], results: Sequence[Optional[SegmentResult]]) -> QualityEstimate:
+                  labelled: Sequence[int], results: Sequence[Optional[SegmentResult]],
+                  on_segment: Optional[Callable[[int], None]] = None) -> QualityEstimate:
     """Hide each inner drawn slice of each segment drawn on 3+ slices; predict it from the others, both ways.
 
     Only slices with drawn slices of the segment on both sides are hidden,
@@ -82,7 +83,8 @@ def leave_one_out(run: BoxPropagation, segments: Sequence[Segment], user_labels:
     away, which the spacing bound forbids by design, and Fill between slices
     cannot extrapolate at all: both would score 0 there and say nothing
     about the result. So this estimates the slices between drawn ones, not
-    the ends; each end is reported with its reason instead.
+    the ends; each end is reported with its reason instead. ``on_segment(k)``
+    is called after segment ``k``, for progress.
     """
     axis = run.axis
     estimate = QualityEstimate()
@@ -90,6 +92,8 @@ def leave_one_out(run: BoxPropagation, segments: Sequence[Segment], user_labels:
         drawn = user_labels == segment.label
         present = [i for i in labelled if pp.take_slice(drawn, axis, i).any()]
         if full is None or len(present) < MIN_DRAWN_FOR_ESTIMATE:
+            if on_segment is not None:
+                on_segment(k)
             continue
         ours, fill = [], []
         inner = present[1:-1]
@@ -104,6 +108,8 @@ def leave_one_out(run: BoxPropagation, segments: Sequence[Segment], user_labels:
             fill.append(dice(pp.take_slice(interpolate_segment(without, axis), axis, hidden), truth))
         estimate.segments.append(SegmentEstimate(segment.name, inner, round(float(np.mean(ours)), 4),
                                                  round(float(np.mean(fill)), 4)))
+        if on_segment is not None:
+            on_segment(k)
     return estimate
 
 

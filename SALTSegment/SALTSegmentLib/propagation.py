@@ -242,9 +242,9 @@ class VolumePropagator:
         estimate, suggestions = None, []
         if self.config.estimate:
             flat = flatten_layers(user_labels, self.segments)
-            estimate = leave_one_out(run, self.segments, flat, labelled, results)
+            estimate = leave_one_out(run, self.segments, flat, labelled, results,
+                                     on_segment=lambda k: report(len(self.segments) + k + 1, steps))
             suggestions = suggest_next_slices(self.segments, flat, labelled, results, self.axis)
-            report(steps, steps)
         masks = [None if r is None else r.mask for r in results]
         labels = compose_label_map(masks, [s.label for s in self.segments], volume01.shape)
         return labels, [r.extent for r in results if r is not None], estimate, suggestions, masks
