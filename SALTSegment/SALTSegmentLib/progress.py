@@ -55,7 +55,7 @@ class BarReporter:
         from tqdm import tqdm
 
         self.close()
-        unit = "step" if command == "train" else "slice"
+        unit = "step"
         self._bar = tqdm(total=total, desc=command, unit=unit, file=sys.stderr, dynamic_ncols=True)
 
     def _advance(self, done: int, **postfix: Any) -> None:
@@ -69,6 +69,9 @@ class BarReporter:
         self._advance(report.step, loss=f"{report.loss:.4f}", lr=f"{report.learning_rate:.2g}")
 
     def slices(self, progress: PropagationProgress) -> None:
+        # Propagation learns its total only as it runs (box mode counts segments, not slices).
+        if self._bar is not None and self._bar.total != progress.total:
+            self._bar.total = progress.total
         self._advance(progress.done)
 
     def checkpoint(self, path: str, step: int) -> None:
