@@ -86,31 +86,35 @@ def leave_one_out(run: BoxPropagation, segments: Sequence[Segment], user_labels:
     the ends; each end is reported with its reason instead. ``on_segment(k)``
     is called after segment ``k``, for progress.
     """
-    axis = run.axis
     estimate = QualityEstimate()
     for k, (segment, full) in enumerate(zip(segments, results)):
-        drawn = user_labels == segment.label
-        present = [i for i in labelled if pp.take_slice(drawn, axis, i).any()]
-        if full is None or len(present) < MIN_DRAWN_FOR_ESTIMATE:
-            if on_segment is not None:
-                on_segment(k)
-            continue
-        ours, fill = [], []
-        inner = present[1:-1]
-        for hidden in inner:
-            truth = pp.take_slice(drawn, axis, hidden)
-            without = drawn.copy()
-            pp.put_slice(without, axis, hidden, False)
-            others = [i for i in labelled if i != hidden]
-            known = [full.extent.first, full.extent.last]
-            predicted = run.segment(k, segment.name, without, others, only=hidden, known_ends=known)
-            ours.append(dice(pp.take_slice(predicted.mask, axis, hidden), truth))
-            fill.append(dice(pp.take_slice(interpolate_segment(without, axis), axis, hidden), truth))
-        estimate.segments.append(SegmentEstimate(segment.name, inner, round(float(np.mean(ours)), 4),
-                                                 round(float(np.mean(fill)), 4)))
+        row = _segment_estimate(run, k, segment, user_labels == segment.label, labelled, full)
+        if row is not None:
+            estimate.segments.append(row)
         if on_segment is not None:
             on_segment(k)
     return estimate
+
+
+def _segment_estimate(run: BoxPropagation, k: int, segment: Segment, drawn: np.ndarray, labelled: Sequence[int],
+                      full: Optional[SegmentResult]) -> Optional[SegmentEstimate]:
+    """One segment's leave-one-out row; None if it is drawn on too few slices (or not at all)."""
+    axis = run.axis
+    present = [i for i in labelled if pp.take_slice(drawn, axis, i).any()]
+    if full is None or len(present) < MIN_DRAWN_FOR_ESTIMATE:
+        return None
+    ours, fill = [], []
+    inner = present[1:-1]
+    for hidden in inner:
+        truth = pp.take_slice(drawn, axis, hidden)
+        without = drawn.copy()
+        pp.put_slice(without, axis, hidden, False)
+        others = [i for i in labelled if i != hidden]
+        known = [full.extent.first, full.extent.last]
+        predicted = run.segment(k, segment.name, without, others, only=hidden, known_ends=known)
+        ours.append(dice(pp.take_slice(predicted.mask, axis, hidden), truth))
+        fill.append(dice(pp.take_slice(interpolate_segment(without, axis), axis, hidden), truth))
+    return SegmentEstimate(segment.name, inner, round(float(np.mean(ours)), 4), round(float(np.mean(fill)), 4))
 
 
 def suggest_next_slices(segments: Sequence[Segment], user_labels: np.ndarray, labelled: Sequence[int],

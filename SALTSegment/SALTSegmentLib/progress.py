@@ -55,8 +55,7 @@ class BarReporter:
         from tqdm import tqdm
 
         self.close()
-        unit = "step"
-        self._bar = tqdm(total=total, desc=command, unit=unit, file=sys.stderr, dynamic_ncols=True)
+        self._bar = tqdm(total=total, desc=command, unit="step", file=sys.stderr, dynamic_ncols=True)
 
     def _advance(self, done: int, **postfix: Any) -> None:
         if self._bar is None:
