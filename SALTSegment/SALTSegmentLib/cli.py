@@ -343,7 +343,7 @@ def _propagate(args, reporter, stop: StopRequest, distributed=None) -> int:
     job = PropagateJob(image=args.image, adapter=args.adapter, out=args.out, labels=args.labels,
                        weights=args.weights, resample_labels=args.resample_labels, match_by=args.match_by,
                        config=config)
-    outcome = run_propagation(job, on_progress=reporter.slices, should_stop=stop, on_message=reporter.message,
+    outcome = run_propagation(job, on_progress=reporter.propagation_step, should_stop=stop, on_message=reporter.message,
                               on_ready=lambda: reporter.start("propagate", 0, device=args.device,
                                                               pid=os.getpid()))
     if outcome.result.interrupted:
@@ -385,7 +385,7 @@ def _propagate_cases(args, reporter, stop: StopRequest, distributed=None) -> int
     summary = run_batch_propagation(
         job, distributed=distributed, should_stop=stop, on_message=reporter.message,
         on_ready=lambda total: reporter.start("propagate", total, device=args.device, pid=os.getpid()),
-        on_volume=reporter.slices)
+        on_volume=reporter.propagation_step)
     if not main:
         return summary.exit_code
     for line in summary.table().splitlines():

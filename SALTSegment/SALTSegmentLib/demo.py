@@ -67,7 +67,7 @@ def run_demo(out: Path, method: str = "salt", steps: int = DEFAULT_STEPS, mode: 
     propagate_job = PropagateJob(image=str(image_path), adapter=str(trained.adapter_path),
                                  out=str(out / "segmentation.seg.nrrd"), labels=str(drawn_path),
                                  config=PropagationConfig(mode=mode, device=device))
-    propagated = run_propagation(propagate_job, on_progress=reporter.slices, should_stop=should_stop,
+    propagated = run_propagation(propagate_job, on_progress=reporter.propagation_step, should_stop=should_stop,
                                  on_message=reporter.message, on_ready=lambda: reporter.start("propagate", 0))
     reporter.close()
     if propagated.result.interrupted:

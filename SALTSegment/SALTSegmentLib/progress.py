@@ -25,7 +25,7 @@ class JsonReporter:
         emit("progress", phase="train", step=report.step, total=report.total, loss=round(report.loss, 5),
              lr=report.learning_rate, elapsed_s=round(report.elapsed_s, 2), eta_s=round(report.eta_s, 1))
 
-    def slices(self, progress: PropagationProgress) -> None:
+    def propagation_step(self, progress: PropagationProgress) -> None:
         emit("progress", phase="propagate", step=progress.done, total=progress.total,
              elapsed_s=round(progress.elapsed_s, 2), eta_s=round(progress.eta_s, 1))
 
@@ -67,7 +67,7 @@ class BarReporter:
     def train_step(self, report: StepReport) -> None:
         self._advance(report.step, loss=f"{report.loss:.4f}", lr=f"{report.learning_rate:.2g}")
 
-    def slices(self, progress: PropagationProgress) -> None:
+    def propagation_step(self, progress: PropagationProgress) -> None:
         # Propagation learns its total only as it runs (box mode counts segments, not slices).
         if self._bar is not None and self._bar.total != progress.total:
             self._bar.total = progress.total
@@ -115,7 +115,7 @@ class RankReporter:
     def train_step(self, report: StepReport) -> None:
         pass
 
-    def slices(self, progress: PropagationProgress) -> None:
+    def propagation_step(self, progress: PropagationProgress) -> None:
         pass
 
     def checkpoint(self, path: str, step: int) -> None:
