@@ -18,7 +18,7 @@ from SALTSegmentLib import preprocessing as pp
 from SALTSegmentLib.extent import END_DRAWN, END_RANGE, ExtentRule
 from SALTSegmentLib.interpolation import fill_between_slices, interpolate_segment
 from SALTSegmentLib.prompts import SegmentPrompts
-from SALTSegmentLib.propagation import PropagationConfig, VolumePropagator
+from SALTSegmentLib.propagation import PropagationConfig, VolumePropagator, encoder_batch_size
 from SALTSegmentLib.volume_io import read_image, read_label_map
 
 FIRST, COUNT = 26, 18                      # axial slices 26..43 of the sample
@@ -314,3 +314,14 @@ def test_between_drawn_slices_the_model_changes_only_the_far_slices(lite_medsam,
     np.testing.assert_array_equal(runs[(0.3, 3)].labels, shape_only)
     changed = [i for i in range(COUNT) if not np.array_equal(runs[(0.3, 2)].labels[i], shape_only[i])]
     assert changed and set(changed) <= {5, 6, 10, 11}
+
+
+def test_encoder_batch_is_one_slice_on_the_cpu_and_changes_the_time_not_the_result(lite_medsam, prompts, crop,
+                                                                                    box_result):
+    """On the CPU the encoder takes one slice at a time (faster per slice there); a batch gives the same labels."""
+    assert _propagator(lite_medsam, prompts, crop).batch_size == 1
+    assert encoder_batch_size(None, on_accelerator=True) == 4 and encoder_batch_size(3, on_accelerator=False) == 3
+    image, spacing, _, drawn, _ = crop
+    batched = _propagator(lite_medsam, prompts, crop, batch_size=4, estimate=False).run(image, spacing, drawn, DRAWN)
+    np.testing.assert_array_equal(batched.labels, box_result.labels)
+    assert [e.to_dict() for e in batched.extents] == [e.to_dict() for e in box_result.extents]

@@ -141,7 +141,7 @@ class BoxPropagation:
     def embedding(self, index: int, upcoming: Sequence[int] = ()) -> torch.Tensor:
         """The slice's image embedding, made on demand a batch at a time along ``upcoming``, then kept."""
         if index not in self._embeddings:
-            batch = [index] + [i for i in upcoming if i not in self._embeddings][:self.config.batch_size - 1]
+            batch = [index] + [i for i in upcoming if i not in self._embeddings][:self.propagator.batch_size - 1]
             for i, embedding in zip(batch, self.propagator.embed(self.volume01, batch, self.geometry)):
                 self._embeddings[i] = embedding
         return self._embeddings[index]

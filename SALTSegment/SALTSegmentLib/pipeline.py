@@ -30,7 +30,7 @@ from .metrics import EvaluationReport, evaluate_label_maps
 from .models import WeightsError, get_spec, load_model
 from .array_jobs import AdaptedModel, fine_tune, propagate
 from .propagation import (MODES_NEEDING_LABELS, PropagationConfig, PropagationInputError, PropagationProgress,
-                          PropagationResult)
+                          PropagationResult, encoder_batch_size)
 from .training import (FewShotData, FewShotTrainer, StepReport, TrainingConfig, TrainingInputError, TrainingResult,
                        WarmStart, check_training_cases, merge_segments)
 from .host.adapter_metadata import case_record, file_sha256, lineage_record
@@ -542,11 +542,12 @@ def _propagate_locked(job: PropagateJob, out: Path, loaded, on_progress, should_
         if job.config.slice_range is not None:
             first, last = job.config.slice_range
             slices = max(0, last - first + 1)
+        on_gpu = _memory_setting(job.config.device, job.config.precision)["on_gpu"]
         memory = propagation_memory(info.voxels, info.bytes_per_component, len(segments), slices,
                                     box_mode=job.config.mode == "box", with_labels=job.labels is not None,
                                     model_id=metadata.base_model, method=metadata.method,
-                                    input_size=int(metadata.input_size), batch_size=job.config.batch_size,
-                                    on_gpu=_memory_setting(job.config.device, job.config.precision)["on_gpu"])
+                                    input_size=int(metadata.input_size),
+                                    batch_size=encoder_batch_size(job.config.batch_size, on_gpu), on_gpu=on_gpu)
         check_memory(memory, f"Propagating {len(segments)} segment{'s' if len(segments) != 1 else ''} over this "
                              f"{' x '.join(map(str, info.size))} volume",
                      "propagate part of the volume (--range FIRST:LAST), or close other programs")

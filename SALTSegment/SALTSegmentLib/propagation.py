@@ -54,11 +54,23 @@ class PropagationInputError(ValueError):
     """Propagation cannot run on the given inputs."""
 
 
+def encoder_batch_size(batch_size: Optional[int], on_accelerator: bool) -> int:
+    """How many slices the image encoder takes at once: ``batch_size`` if given, else 4 on a GPU and 1 on the CPU.
+
+    A batch keeps a GPU busy; on the CPU it is slower per slice, not faster
+    (LiteMedSAM on 2 cores, ``scripts/measure_encoder_speed.py --batches
+    1,2,4``: 1.4x the time per slice at 4), and the embeddings are the same.
+    """
+    if batch_size is not None:
+        return batch_size
+    return 4 if on_accelerator else 1
+
+
 @dataclass
 class PropagationConfig:
     mode: str = "box"
     slice_range: Optional[tuple[int, int]] = None   # inclusive first, last
-    batch_size: int = 4
+    batch_size: Optional[int] = None  # slices encoded together; None: encoder_batch_size's choice for the device
     threshold: float = 0.5
     cleanup: bool = True
     box_margin: float = 0.1          # of the box's size, each side (at least one pixel)
@@ -104,6 +116,7 @@ class VolumePropagator:
             raise PropagationInputError(f"Propagation mode '{config.mode}' needs the adapted model")
         self.device = resolve_device(config.device)
         self.dtype = autocast_dtype(self.device, config.precision)
+        self.batch_size = encoder_batch_size(config.batch_size, self.device.type != "cpu")
         self.model = model.to(self.device).eval() if model is not None else None
         self.tokens = prompts.tokens.detach().to(self.device) if prompts is not None else None
         self.segments = segments
@@ -208,10 +221,10 @@ class VolumePropagator:
     # ------------------------------------------------------------------ auto
     def _run_auto(self, volume01, indices, geometry, report, should_stop) -> tuple[np.ndarray, bool]:
         probabilities = np.zeros((len(self.segments), *volume01.shape), dtype=np.float16)
-        for chunk_start in range(0, len(indices), self.config.batch_size):
+        for chunk_start in range(0, len(indices), self.batch_size):
             if should_stop is not None and should_stop():
                 return np.zeros(volume01.shape, np.uint16), True
-            chunk = indices[chunk_start:chunk_start + self.config.batch_size]
+            chunk = indices[chunk_start:chunk_start + self.batch_size]
             embeddings = self.embed(volume01, chunk, geometry)
             for row, index in enumerate(chunk):
                 maps, _ = self._decode(embeddings[row], self.tokens, geometry)
