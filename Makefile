@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml constraints/ci.txt
 demo: $(STAMP)
 	$(VENV)/bin/saltsegment demo --out $(DEMO_OUT)
 
+# Two workers, one test file each at a time (module fixtures stay per file); see Testing/conftest.py.
 test: $(STAMP)
-	$(PY) -m pytest Testing
+	$(PY) -m pytest -n 2 --dist loadfile Testing
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

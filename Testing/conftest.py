@@ -1,11 +1,14 @@
 """Shared fixtures: repository paths, the embedded real sample and a loaded LiteMedSAM.
 
 The machines running the suite are small and shared, so torch uses two threads
-and the real model is loaded once per session.
+and the real model is loaded once per session. ``make test`` runs two
+pytest-xdist workers (a file each at a time): each then uses one thread, so
+the two share the two cores instead of fighting over them.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO_ROOT / "Resources" / "SampleData"
