@@ -63,7 +63,7 @@ def measure_batches(models: dict, batches: list[int], repeats: int, threads: int
     generator = torch.Generator().manual_seed(0)
     slices = max(batches)
     results = []
-    for name, model in models.items():
+    for model in models.values():
         images = torch.rand(slices, 3, model.input_size, model.input_size, generator=generator)
         batch_seconds_per_slice(model, images, batches[0])   # warm-up
         times: dict[int, list[float]] = {b: [] for b in batches}
