@@ -93,3 +93,31 @@ def thalamus_crop(tmp_path_factory, write_sample_crop) -> Path:
     labels, geometry, thalamus = write_sample_crop(folder, [1])
     write_label_map(folder / "reference.seg.nrrd", np.where(labels == 1, 1, 0), geometry, thalamus)
     return folder
+
+
+@pytest.fixture(scope="session")
+def write_untrained_adapter():
+    """A writer of a valid LoRA adapter file that was never trained, for tests of what runs around an adapter.
+
+    ``write(path, volume, segments)`` adapts a fresh LiteMedSAM (the default
+    LoRA preset, axial, the volume's own intensity window) for ``segments``
+    and saves it; it returns the path, the adapted model and the metadata.
+    Training is not needed to test propagation's plumbing, refusals or
+    interruptions, and it would cost minutes per file.
+    """
+    from SALTSegmentLib import preprocessing as pp
+    from SALTSegmentLib.adapter_file import AdapterMetadata, save_adapter
+    from SALTSegmentLib.adapters import apply_method, preset_options
+    from SALTSegmentLib.models import load_model
+    from SALTSegmentLib.prompts import SegmentPrompts
+
+    def write(path: Path, volume: np.ndarray, segments: list):
+        model = load_model("lite_medsam")
+        config = apply_method(model, "lora", preset_options("lora", "default"))
+        metadata = AdapterMetadata(base_model="lite_medsam", base_weights_sha256=model.weights_sha256,
+                                   input_size=256, method="lora", method_config=config,
+                                   intensity=pp.parse_intensity("auto", volume).to_dict(), axis="k", plane="axial",
+                                   segments=AdapterMetadata.segments_to_dicts(segments))
+        return save_adapter(path, model, SegmentPrompts(len(segments)), metadata), model, metadata
+
+    return write

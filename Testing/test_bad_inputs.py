@@ -219,7 +219,8 @@ class _Exploit:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, sample_image_path, sample_labels_path) -> dict[str, Path]:
+def inputs(tmp_path_factory, sample_image_path, sample_labels_path,
+           write_untrained_adapter) -> dict[str, Path]:
     """Every file the cases name, built from an 8-slice crop of the embedded sample."""
     case = tmp_path_factory.mktemp("bad_inputs")
     files: dict[str, Path] = {"case": case}
@@ -296,21 +297,8 @@ def inputs(tmp_path_factory, sample_image_path, sample_labels_path) -> dict[str,
     torch.save({"weight": torch.zeros(3), "payload": _Exploit(files["pickle_marker"])}, files["pickle_pth"])
 
     # adapters: an untrained but valid one (no training needed to test refusals), and broken copies
-    from SALTSegmentLib.adapters import apply_method, preset_options
-    from SALTSegmentLib.adapter_file import AdapterMetadata, save_adapter
-    from SALTSegmentLib.models import load_model
-    from SALTSegmentLib.prompts import SegmentPrompts
-
-    model = load_model("lite_medsam")
-    method_config = apply_method(model, "lora", preset_options("lora", "default"))
-    from SALTSegmentLib import preprocessing as pp
-
-    intensity = pp.parse_intensity("auto", voxels.astype(np.float32))
-    metadata = AdapterMetadata(base_model="lite_medsam", base_weights_sha256=model.weights_sha256, input_size=256,
-                               method="lora", method_config=method_config, intensity=intensity.to_dict(),
-                               axis="k", plane="axial",
-                               segments=AdapterMetadata.segments_to_dicts(segments[:1]))
-    adapter = save_adapter(case / "adapter.safetensors", model, SegmentPrompts(1), metadata)
+    adapter, model, metadata = write_untrained_adapter(case / "adapter.safetensors", voxels.astype(np.float32),
+                                                       segments[:1])
     _ADAPTER_PARTS.update(model=model, metadata=metadata)
     files["adapter"] = adapter
     files["adapter_empty"] = case / "empty.safetensors"

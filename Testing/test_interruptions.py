@@ -30,27 +30,13 @@ PREVIOUS = b"the previous output: must survive an interrupted run\n"
 
 
 @pytest.fixture(scope="module")
-def case(thalamus_crop, sample_image_path, sample_labels_path) -> Path:
+def case(thalamus_crop, sample_image_path, sample_labels_path, write_untrained_adapter) -> Path:
     """The shared eight-slice crop plus a LoRA adapter (untrained) for propagation."""
-    folder = thalamus_crop
-    _, _, segments = read_label_map(sample_labels_path)
-
-    from SALTSegmentLib import preprocessing as pp
-    from SALTSegmentLib.adapters import apply_method, preset_options
-    from SALTSegmentLib.adapter_file import AdapterMetadata, save_adapter
-    from SALTSegmentLib.models import load_model
-    from SALTSegmentLib.prompts import SegmentPrompts
     from SALTSegmentLib.volume_io import read_image
 
-    model = load_model("lite_medsam")
-    config = apply_method(model, "lora", preset_options("lora", "default"))
-    volume, _ = read_image(sample_image_path)
-    metadata = AdapterMetadata(base_model="lite_medsam", base_weights_sha256=model.weights_sha256, input_size=256,
-                               method="lora", method_config=config,
-                               intensity=pp.parse_intensity("auto", volume).to_dict(), axis="k", plane="axial",
-                               segments=AdapterMetadata.segments_to_dicts(segments[:2]))
-    save_adapter(folder / "adapter.safetensors", model, SegmentPrompts(2), metadata)
-    return folder
+    _, _, segments = read_label_map(sample_labels_path)
+    write_untrained_adapter(thalamus_crop / "adapter.safetensors", read_image(sample_image_path)[0], segments[:2])
+    return thalamus_crop
 
 
 def _start(*args: str) -> subprocess.Popen:

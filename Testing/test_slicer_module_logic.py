@@ -81,24 +81,14 @@ def module(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def adapter(thalamus_crop, sample_image_path, sample_labels_path) -> Path:
+def adapter(thalamus_crop, sample_image_path, sample_labels_path, write_untrained_adapter) -> Path:
     """An untrained LoRA adapter for the sample's first segment, on the crop's axial slices."""
-    from SALTSegmentLib import preprocessing as pp
-    from SALTSegmentLib.adapters import apply_method, preset_options
-    from SALTSegmentLib.adapter_file import AdapterMetadata, save_adapter
-    from SALTSegmentLib.models import load_model
-    from SALTSegmentLib.prompts import SegmentPrompts
     from SALTSegmentLib.volume_io import read_image
 
     _, _, segments = read_label_map(sample_labels_path)
-    model = load_model("lite_medsam")
-    config = apply_method(model, "lora", preset_options("lora", "default"))
-    volume, _ = read_image(sample_image_path)
-    metadata = AdapterMetadata(base_model="lite_medsam", base_weights_sha256=model.weights_sha256, input_size=256,
-                               method="lora", method_config=config,
-                               intensity=pp.parse_intensity("auto", volume).to_dict(), axis="k", plane="axial",
-                               segments=AdapterMetadata.segments_to_dicts(segments[:1]))
-    return save_adapter(thalamus_crop / "module-lora.safetensors", model, SegmentPrompts(1), metadata)
+    path, _, _ = write_untrained_adapter(thalamus_crop / "module-lora.safetensors", read_image(sample_image_path)[0],
+                                         segments[:1])
+    return path
 
 
 def _load(scene, thalamus_crop):

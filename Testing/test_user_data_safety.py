@@ -35,25 +35,14 @@ MARKER = Segment(7, "Marker", (0.9, 0.8, 0.1))     # value 7 is free: must stay
 
 
 @pytest.fixture(scope="module")
-def case(thalamus_crop, sample_labels_path) -> Path:
+def case(thalamus_crop, sample_labels_path, write_untrained_adapter) -> Path:
     """The crop, an untrained two-segment LoRA adapter, and label maps drawn around it."""
-    from SALTSegmentLib import preprocessing as pp
-    from SALTSegmentLib.adapters import apply_method, preset_options
-    from SALTSegmentLib.adapter_file import AdapterMetadata, save_adapter
-    from SALTSegmentLib.models import load_model
-    from SALTSegmentLib.prompts import SegmentPrompts
     from SALTSegmentLib.volume_io import read_image
 
     folder = thalamus_crop
     _, _, segments = read_label_map(sample_labels_path)
-    model = load_model("lite_medsam")
-    config = apply_method(model, "lora", preset_options("lora", "default"))
     volume, geometry = read_image(folder / "image.nrrd")
-    metadata = AdapterMetadata(base_model="lite_medsam", base_weights_sha256=model.weights_sha256, input_size=256,
-                               method="lora", method_config=config,
-                               intensity=pp.parse_intensity("auto", volume).to_dict(), axis="k", plane="axial",
-                               segments=AdapterMetadata.segments_to_dicts(segments[:2]))
-    save_adapter(folder / "two_segments.safetensors", model, SegmentPrompts(2), metadata)
+    write_untrained_adapter(folder / "two_segments.safetensors", volume, segments[:2])
 
     drawn, _, drawn_segments = read_label_map(folder / "drawn.seg.nrrd")
     extra = drawn.copy()
