@@ -6,12 +6,12 @@ same box propagation (:mod:`box_mode`), and compared with what the user drew
 there; Slicer's *Fill between slices* predicts the same hidden slice from the
 same others. Both means go to the report and the Slicer panel.
 
-What it measures: how well the shape between drawn slices and the extent one
-gap beyond the outermost drawn slice are recovered, on this volume, for these
-structures. What it does not: the adapter was trained *with* the hidden slice,
-so the model's share is optimistic; a hidden slice doubles the gap it sits in,
-so interpolation is tested across wider gaps than the real ones; the ends far
-beyond the outermost drawn slice are not tested at all.
+What it measures: how well the shape between drawn slices is recovered, on
+this volume, for these structures. What it does not: the adapter was trained
+*with* the hidden slice, so the model's share is optimistic; a hidden slice
+doubles the gap it sits in, so interpolation is tested across wider gaps than
+the real ones; the slices beyond the outermost drawn ones (the ends) are not
+tested at all: each end is reported with the reason its walk stopped.
 
 The suggestion names, per segment, the slice whose drawing would pin down the
 most of what is still uncertain: the middle of the widest gap between drawn
