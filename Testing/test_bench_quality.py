@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from SALTSegmentLib.bench.cases import NEAR_END_INSET, BenchCase
+from SALTSegmentLib.bench.cases import NEAR_END_INSET, BenchCase, consecutive_slices, slices_inside
 from SALTSegmentLib.bench.quality import (QualityResults, QualityRun, evidence_table, merge_results,
                                           quality_table, true_ends_shape_dice, unlabelled_dice,
                                           write_quality_outputs)
@@ -72,6 +72,15 @@ def test_random_protocol_stays_inside_each_structure_and_repeats():
     assert len([s for s in labelled if (case.reference[s] == 1).any()]) >= 3   # three on the block
     with pytest.raises(ValueError, match="near_ends"):
         case.labelled_slices(3, "inset")
+
+
+def test_consecutive_protocol_draws_neighbouring_slices_around_each_middle():
+    case = _case()
+    # block 4..14: three neighbours around its middle slice 9; the small one (8..11) as the even protocol draws it
+    assert case.labelled_slices(3, "consecutive") == [8, 9, 10]
+    assert case.labelled_slices(2, "consecutive") == [9, 10]
+    assert consecutive_slices(0, 30, 4) == [14, 15, 16, 17]
+    assert consecutive_slices(0, 3, 3) == slices_inside(0, 3, 3)     # too short to leave its ends: evenly
 
 
 def test_the_true_ends_oracle_carries_the_drawn_shape_to_where_each_structure_ends():

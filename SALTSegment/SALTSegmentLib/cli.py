@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--protocol", type=_protocol_list, default=["per_structure"], metavar="NAME[,NAME...]",
                        help="quality: where the user draws: COUNT slices evenly inside each structure "
                             "(per_structure), evenly from two slices inside its ends (near_ends), at random "
-                            "inside it (random), or COUNT over all structures (global); several run in turn")
+                            "inside it (random), on COUNT neighbouring slices around its middle (consecutive), "
+                            "or COUNT over all structures (global); several run in turn")
     bench.add_argument("--methods", default="salt,lora", help="quality: methods")
     bench.add_argument("--seeds", type=_int_list, default=[0])
     bench.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS)

@@ -17,7 +17,10 @@ must reach past the drawn slices, so there are three placements:
 ``near_ends``      evenly from ``NEAR_END_INSET`` slices inside each end: the
                    user drew close to where the structure stops;
 ``random``         anywhere inside the extent (a fixed generator per
-                   structure and count, so runs are repeatable).
+                   structure and count, so runs are repeatable);
+``consecutive``    on neighbouring slices around the middle: the user drew
+                   a few slices where the structure is clearest, as is
+                   common for a lesion, and left the rest to propagation.
 
 ``global`` spreads ``count`` slices over all structures together, as the demo
 does.
@@ -36,7 +39,7 @@ from ..sample_data import sample_paths, spread_slices
 from ..slices import array_axis, occupied_slices, put_back_slices
 from ..volume_io import Segment, VolumeGeometry, read_image, read_label_map
 
-PROTOCOLS = ("per_structure", "near_ends", "random", "global")
+PROTOCOLS = ("per_structure", "near_ends", "random", "consecutive", "global")
 NEAR_END_INSET = 2      # near_ends: slices between each true end and the outermost drawn slice
 
 
@@ -60,7 +63,8 @@ class BenchCase:
         placements = {"per_structure": lambda first, last, segment: slices_inside(first, last, count),
                       "near_ends": lambda first, last, segment: slices_near_ends(first, last, count),
                       "random": lambda first, last, segment: random_slices_inside(
-                          first, last, count, np.random.default_rng([segment.label, count]))}
+                          first, last, count, np.random.default_rng([segment.label, count])),
+                      "consecutive": lambda first, last, segment: consecutive_slices(first, last, count)}
         if protocol not in placements:
             raise ValueError(f"Unknown labelling protocol '{protocol}'; choose {', '.join(PROTOCOLS)}")
         chosen: set[int] = set()
@@ -105,6 +109,18 @@ def random_slices_inside(first: int, last: int, count: int, generator: np.random
     if inside.size <= count:
         return slices_inside(first, last, count)
     return sorted(int(i) for i in generator.choice(inside, count, replace=False))
+
+
+def consecutive_slices(first: int, last: int, count: int) -> list[int]:
+    """``count`` neighbouring slices centred in ``first``..``last``, its end slices not drawn.
+
+    A structure with no more than ``count`` slices inside its ends is drawn
+    as :func:`slices_inside` draws it.
+    """
+    if last - first - 1 <= count:
+        return slices_inside(first, last, count)
+    start = (first + last) // 2 - (count - 1) // 2
+    return list(range(start, start + count))
 
 
 def sample_case() -> BenchCase:
