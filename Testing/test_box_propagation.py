@@ -217,12 +217,12 @@ def test_an_adapter_trained_on_this_drawing_walks_as_if_it_knew_no_length(lite_m
     """The usual train-then-propagate: the adapter's only record is this drawing, so the drawing's bounds hold.
 
     Another patient's record of the same structure, twice as long, does move the ends: the bound is what decides
-    here (three close slices in the middle of the crop, a walk stopped only by emptiness).
+    here (three slices in the middle of the crop, spread enough to be a spacing, a walk stopped only by emptiness).
     """
     from SALTSegmentLib.structure_length import DrawnLength, drawn_lengths, lengths_from_records, lengths_to_record
 
     image, spacing, reference, _, segments = crop
-    middle = [6, 8, 10]
+    middle = [5, 8, 11]
     drawn = np.zeros_like(reference)
     drawn[middle] = reference[middle]
     own = lengths_from_records([{"lengths": lengths_to_record(drawn_lengths(drawn, segments, "k", middle, spacing))}])
@@ -238,6 +238,30 @@ def test_an_adapter_trained_on_this_drawing_walks_as_if_it_knew_no_length(lite_m
     assert trained_here == plain
     np.testing.assert_array_equal(runs[1].labels, runs[0].labels)
     assert other_patient != plain
+
+
+def test_neighbouring_drawn_slices_reach_as_far_as_the_drawn_size_not_one_slice(lite_medsam, prompts, crop,
+                                                                                 one_thread):
+    """The thalamus drawn on three neighbouring slices (crop 8-10; it runs 4-17): the gap of one slice is no spacing.
+
+    Only emptiness stops the walks here, so the bound is what decides: the outermost region's radius (about 12
+    slices at 1 mm, x 0.75), as for one drawn slice, or the edge of the crop; a gap of one slice would stop
+    each walk one slice out.
+    """
+    from SALTSegmentLib.extent import END_EDGE, END_SIZE
+
+    image, spacing, reference, _, segments = crop
+    thalamus = next(s for s in segments if s.name == "Thalamus_L")
+    neighbours = [8, 9, 10]
+    drawn = np.zeros_like(reference)
+    drawn[neighbours] = np.where(reference[neighbours] == thalamus.label, thalamus.label, 0)
+    only_emptiness = ExtentRule(min_similarity=0.0, min_area_ratio=0.0)
+    result = _propagator(lite_medsam, prompts, crop, extent=only_emptiness, estimate=False).run(
+        image, spacing, drawn, neighbours)
+    extent = next(e for e in result.extents if e.name == "Thalamus_L")
+    for end in (extent.first, extent.last):
+        assert end.reason in (END_SIZE, END_EDGE) and end.beyond_drawn >= 5, extent.describe()
+    assert extent.first.slice <= 4 and extent.last.slice >= 15        # past the thalamus' true first slice (4)
 
 
 def test_a_walk_towards_a_slice_drawn_without_the_segment_stops_half_way(lite_medsam, prompts, crop, one_thread):
@@ -290,6 +314,7 @@ def test_walks_a_bound_ended_keep_the_closing_shape_and_evidence_ended_ones_take
     assert walk_fusion_weight(0.5, 0.0, end(END_SPACING), 3) == 0.0
     assert walk_fusion_weight(0.5, 0.0, end(END_EMPTY), 3) == walk_fusion_weight(0.5, 0.0, end(END_APPEARANCE), 3) == 0.5
     assert walk_fusion_weight(0.5, 0.0, end(END_SIZE), 1) == 0.5         # one drawn slice: the model is the shape
+    assert walk_fusion_weight(0.5, 0.0, end(END_SIZE), 3) == 0.5         # so past a dense drawing, bounded the same
 
 
 def test_the_model_joins_the_interpolated_shape_only_far_from_drawn_slices():

@@ -10,7 +10,8 @@ from SALTSegmentLib.appearance import build_appearance
 from SALTSegmentLib.box_mode import box_margin_pixels, closed_shape, compose_label_map, soft_mask
 from SALTSegmentLib.extent import (END_APPEARANCE, END_EDGE, END_EMPTY, END_LENGTH, END_SHRANK, END_SIZE, END_SPACING,
                                    END_TAPER, ExtentRule, SegmentEnd, SegmentExtent, WalkStep, decide_end,
-                                   equivalent_radius_slices, halfway_limit, label_spacing, spacing_limit)
+                                   drawn_densely, equivalent_radius_slices, halfway_limit, label_spacing,
+                                   spacing_limit)
 
 RULE = ExtentRule(spacing_bound=1.0, radius_bound=1.0, min_similarity=0.6, min_area_ratio=0.1, taper_bound=None)
 
@@ -47,6 +48,20 @@ def test_spacing_limit_uses_the_gap_or_a_single_slice_radius():
     assert equivalent_radius_slices(314, 1.0, 5.0) == pytest.approx(2.0, abs=0.01)
     assert spacing_limit(RULE, {33: 314}, 33, 1.0, 5.0) == (2, END_SIZE)
     assert spacing_limit(RULE, {33: 1}, 33, 1.0, 5.0) == (1, END_SIZE)          # never less than one slice
+
+
+def test_slices_drawn_only_next_to_each_other_are_bounded_by_the_radius_not_by_a_gap_of_one():
+    # Three neighbouring slices through the middle of a round lesion (1 mm slices): their gap of one slice says
+    # nothing of its length; the outermost region's radius does (250 mm^2: 8.9 mm, x 0.75 = 6.7 slices).
+    areas = {20: 250, 21: 314, 22: 250}
+    assert spacing_limit(ExtentRule(), areas, 22, 1.0, 1.0) == (7, END_SIZE)
+    assert spacing_limit(ExtentRule(), areas, 20, 1.0, 1.0) == (7, END_SIZE)
+    # Every other slice of a region 11.3 slices in radius is still dense (the gap is under a fifth of it)...
+    assert spacing_limit(ExtentRule(), {20: 400, 22: 400}, 22, 1.0, 1.0) == (8, END_SIZE)
+    # ...of a region 4 slices in radius, or with the rule off, it is a spacing: the gap bounds it.
+    assert spacing_limit(ExtentRule(), {20: 50, 22: 50}, 22, 1.0, 1.0) == (2, END_SPACING)
+    assert spacing_limit(ExtentRule(dense_gap=None), {20: 400, 22: 400}, 22, 1.0, 1.0) == (2, END_SPACING)
+    assert drawn_densely(ExtentRule(dense_gap=None), 1.0, 0.5)          # next to each other: always dense
 
 
 def test_a_drawn_area_that_shrinks_towards_the_end_caps_the_reach_where_set():

@@ -32,6 +32,12 @@ def test_drawn_lengths_measure_the_span_gap_and_widest_section_in_millimetres():
     assert long.radius_mm == pytest.approx(math.sqrt(100 * 0.25 / math.pi))
 
 
+def test_a_structure_drawn_on_neighbouring_slices_records_no_length():
+    """Three neighbouring slices are where the user drew, not how long the structure is (it runs 4-20)."""
+    assert drawn_lengths(_labels(), SEGMENTS, "k", [11, 12, 13], (0.5, 0.5, 2.0)) == {}
+    assert set(drawn_lengths(_labels(), SEGMENTS, "k", [10, 12, 14], (0.5, 0.5, 2.0))) == {"Long"}
+
+
 def test_reach_per_radius_is_the_median_half_length_over_cases_in_radii():
     one = {"Long": DrawnLength(24.0, 12.0, 3.0)}      # half-length 12 + 0.5 x 12 = 18 mm -> 6 radii
     two = {"Long": DrawnLength(12.0, 6.0, 3.0)}       # 6 + 3 = 9 mm -> 3 radii

@@ -11,7 +11,10 @@ axes, at 1 and 3 mm slices, drawn on 2, 3 or 5 slices placed three ways:
 
 - ``even``: evenly inside the extent, as ``bench quality`` draws;
 - ``inset``: the outer drawn slices 1-3 slices in from the true ends;
-- ``random``: anywhere strictly inside.
+- ``random``: anywhere strictly inside;
+- ``consecutive``: on neighbouring slices around the middle, as
+  ``bench quality --protocol consecutive`` draws (many users draw a lesion
+  this way).
 
 For each pair of ends it prints how often each rule lands within two slices
 of the true end, with the known length exact and with 20% (log-normal) error
@@ -35,12 +38,12 @@ from typing import Iterator, Optional
 import numpy as np
 import SimpleITK as sitk
 
-from SALTSegmentLib.bench.cases import slices_inside
+from SALTSegmentLib.bench.cases import consecutive_slices, slices_inside
 from SALTSegmentLib.extent import ExtentRule, spacing_limit
 
 ATLASES = {"aal": ("Amygdala", "Pallidum"),          # held out: never looked at
            "JHU-WhiteMatter-labels-1mm": (), "HarvardOxford-cort-maxprob-thr0-1mm": (), "brodmann": ()}
-PLACEMENTS = ("even", "inset", "random")
+PLACEMENTS = ("even", "inset", "random", "consecutive")
 COUNTS = (2, 3, 5)
 
 
@@ -59,6 +62,8 @@ def place(first: int, last: int, count: int, placement: str, rng: np.random.Gene
     """The slices a user draws on a structure occupying ``first``..``last``."""
     if last - first + 1 <= count or placement == "even":
         return slices_inside(first, last, count)
+    if placement == "consecutive":
+        return consecutive_slices(first, last, count)
     if placement == "inset":
         length = last - first
         inset = [min(int(rng.integers(1, 4)), max(1, length // 4)) for _ in range(2)]

@@ -31,8 +31,8 @@ from scipy import ndimage
 
 from . import preprocessing as pp
 from .appearance import SegmentAppearance, build_appearance
-from .extent import (END_DRAWN, END_EDGE, END_HALFWAY, END_RANGE, EVIDENCE_ENDS, SegmentEnd, SegmentExtent, WalkStep,
-                     decide_end, halfway_limit, spacing_limit)
+from .extent import (END_DRAWN, END_EDGE, END_HALFWAY, END_RANGE, END_SIZE, EVIDENCE_ENDS, SegmentEnd, SegmentExtent,
+                     WalkStep, decide_end, halfway_limit, spacing_limit)
 from .interpolation import interpolate_segment
 from .slices import array_axis
 from .structure_length import drawn_length, reach_per_radius
@@ -69,16 +69,19 @@ def walk_fusion_weight(end_fusion: float, bounded_end_fusion: float, end: Segmen
     """The model's weight against the closing shape on the slices one walk covered.
 
     From a single drawn slice the closing shape is only that slice shrinking
-    away, so the model's masks are the shape there (``end_fusion``). From two
-    drawn slices or more, a walk that the model's own evidence ended (nothing
-    found, a sliver, an unlike region) followed the structure to where it
-    faded, and its masks are blended in the same way; a walk a bound ended
-    (the drawn spacing, half way, a labelled slice without it, an edge) was
-    cut where the model still saw a region, and near a tip those masks hold
-    more false than true voxels: the shape closed towards that end is kept
-    (``bounded_end_fusion``, README "Quality").
+    away, so the model's masks are the shape there (``end_fusion``); so too
+    past slices drawn densely, which the drawn region's size bounds as it
+    bounds one slice (:func:`extent.drawn_densely`; README "Drawn on
+    neighbouring slices"). From two drawn slices or more, a walk that the
+    model's own evidence ended (nothing found, a sliver, an unlike region)
+    followed the structure to where it faded, and its masks are blended in
+    the same way; a walk a bound ended (the drawn spacing, half way, a
+    labelled slice without it, an edge) was cut where the model still saw a
+    region, and near a tip those masks hold more false than true voxels: the
+    shape closed towards that end is kept (``bounded_end_fusion``, README
+    "Quality").
     """
-    if drawn_slices <= 1 or end.reason in EVIDENCE_ENDS:
+    if drawn_slices <= 1 or end.reason in EVIDENCE_ENDS or end.reason == END_SIZE:
         return end_fusion
     return bounded_end_fusion
 

@@ -60,6 +60,11 @@ class ExtentRule:
     # x the slices between the outermost drawn slice and a labelled slice without the segment: the end lies
     # somewhere between, and without evidence half way is the least wrong guess (None: up to that slice)
     halfway_bound: Optional[float] = 0.5
+    # x the widest drawn region's radius (in slices): drawn slices no further apart than this (or next to each
+    # other) were drawn densely where the structure is clearest, and their gap says nothing of its length; they
+    # are bounded by the radius, as one drawn slice is (README "Drawn on neighbouring slices";
+    # scripts/extent_study.py). None: only slices next to each other
+    dense_gap: Optional[float] = 0.2
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,6 +129,20 @@ def equivalent_radius_slices(area_pixels: int, pixel_area_mm2: float, slice_spac
     return equivalent_radius_mm(area_pixels, pixel_area_mm2) / slice_spacing_mm
 
 
+def drawn_densely(rule: ExtentRule, spacing: float, widest_radius_slices: float) -> bool:
+    """Whether drawn slices ``spacing`` apart are a dense drawing rather than a spread one.
+
+    Next to each other always; further apart while the gap is under
+    ``rule.dense_gap`` x the widest drawn region's radius (in slices). A
+    user who draws every other slice of a large round structure drew where
+    it is clearest, not across its length; a small structure drawn every
+    other slice was drawn across it.
+    """
+    if spacing <= 1:
+        return True
+    return rule.dense_gap is not None and spacing <= rule.dense_gap * widest_radius_slices
+
+
 def spacing_limit(rule: ExtentRule, areas: Mapping[int, int], outermost: int, pixel_area_mm2: float,
                   slice_spacing_mm: float, known_reach_per_radius: Optional[float] = None) -> tuple[int, str]:
     """Slices past ``outermost`` the evidence may reach (soft bound, at least 1), and why.
@@ -134,7 +153,11 @@ def spacing_limit(rule: ExtentRule, areas: Mapping[int, int], outermost: int, pi
     or more; with one, ``radius_bound`` x the drawn region's radius (a round
     lesion's reach). With ``taper_bound`` set, a drawn area that shrinks from
     the next drawn slice inwards to the outermost one caps it: the structure
-    ends about where that shrinking would reach nothing.
+    ends about where that shrinking would reach nothing. Slices drawn
+    densely (a few neighbouring slices where a lesion is clearest:
+    :func:`drawn_densely`) say nothing of the structure's length: a gap of
+    one slice would stop the walk one slice out, so they are bounded as one
+    drawn slice is, by the outermost region's radius.
 
     When other drawings of the structure measured its length
     (``known_reach_per_radius`` radii each side of its middle, from an
@@ -144,19 +167,23 @@ def spacing_limit(rule: ExtentRule, areas: Mapping[int, int], outermost: int, pi
     shared between the two ends by the radius drawn at each: a structure
     drawn small at one end is near its tip there, one drawn wide runs on.
     ``scripts/extent_study.py`` measures the rules on atlas structures drawn
-    evenly, near the ends or at random inside them: with the length known to
-    20%, sharing by radius puts 0.69 / 0.84 / 0.60 of the ends within two
-    slices of the truth, sharing evenly 0.72 / 0.82 / 0.55, the drawing's
-    own guess 0.96 / 0.28 / 0.37 at a spacing bound of 1.0 (0.76 / 0.37 /
-    0.44 at 0.75: evenly drawn slices sit one gap inside the ends, which
-    1.0 matches), 0.82 / 0.60 / 0.53 with the taper at 0.5 (the default)
-    (known exactly, by radius: 0.91 / 0.99 / 0.71). A known length wins
-    wherever the user does not draw evenly.
+    evenly, near the ends, at random inside them or on neighbouring slices
+    around the middle: with the length known to 20%, sharing by radius puts
+    0.69 / 0.82 / 0.61 / 0.71 of the ends within two slices of the truth,
+    sharing evenly 0.71 / 0.82 / 0.57 / 0.72, the drawing's own guess 0.95
+    / 0.27 / 0.38 / 0.41 at a spacing bound of 1.0 (0.76 / 0.37 / 0.45 at
+    0.75: evenly drawn slices sit one gap inside the ends, which 1.0
+    matches), 0.81 / 0.60 / 0.54 / 0.41 with the taper at 0.5 (the default)
+    (known exactly, by radius: 0.91 / 0.99 / 0.71 / 0.97). With every gap
+    taken for a spacing (no ``dense_gap``, one slice a gap) the taper's row
+    was 0.82 / 0.60 / 0.54 / 0.19. A known length wins wherever the user
+    does not draw evenly.
     """
     drawn = sorted(areas)
     end_area = areas[outermost]
     spacing = label_spacing(drawn)
-    if spacing is not None:
+    widest = equivalent_radius_slices(max(areas.values()), pixel_area_mm2, slice_spacing_mm)
+    if spacing is not None and not drawn_densely(rule, spacing, widest):
         reach, reason = rule.spacing_bound * spacing, END_SPACING
         inner = drawn[1] if outermost == drawn[0] else drawn[-2]
         shrink = areas[inner] - end_area
@@ -168,7 +195,6 @@ def spacing_limit(rule: ExtentRule, areas: Mapping[int, int], outermost: int, pi
         radius = equivalent_radius_slices(end_area, pixel_area_mm2, slice_spacing_mm)
         reach, reason = rule.radius_bound * radius, END_SIZE
     if known_reach_per_radius is not None:
-        widest = equivalent_radius_slices(max(areas.values()), pixel_area_mm2, slice_spacing_mm)
         beyond = max(2 * known_reach_per_radius * widest - (drawn[-1] - drawn[0]), 0.0)   # both ends together
         here = math.sqrt(max(end_area, 0))
         there = math.sqrt(max(areas[drawn[-1] if outermost == drawn[0] else drawn[0]], 0))

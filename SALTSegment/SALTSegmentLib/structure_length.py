@@ -8,8 +8,9 @@ drawn on several slices of earlier patients, so it knows better: how long the
 structure is compared with its width. That is what this module keeps and
 uses.
 
-At training, each case records, per segment drawn on two or more slices, the
-span of its drawn slices, the largest gap between them and its largest
+At training, each case records, per segment drawn on two or more slices
+spread along it (not densely, :func:`extent.drawn_densely`: a few
+neighbouring slices say nothing of its length), the span of its drawn slices, the largest gap between them and its largest
 cross-section (as a disc radius), in millimetres (:func:`drawn_lengths`); the
 records travel with the adapter's cases, through every continuation. At
 propagation, :func:`reach_per_radius` turns them into one number per segment:
@@ -31,7 +32,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from . import preprocessing as pp
-from .extent import equivalent_radius_mm, label_spacing
+from .extent import ExtentRule, drawn_densely, equivalent_radius_mm, label_spacing
 from .volume_io import Segment
 
 
@@ -55,13 +56,21 @@ class DrawnLength:
         return all(abs(a - b) < 0.01 for a, b in zip(astuple(self), astuple(other)))
 
 
-def drawn_length(areas: Mapping[int, int], slice_mm: float, pixel_area_mm2: float) -> Optional[DrawnLength]:
-    """One segment from its drawn area on each labelled slice (pixels); None unless drawn on two slices or more."""
+def drawn_length(areas: Mapping[int, int], slice_mm: float, pixel_area_mm2: float,
+                 rule: ExtentRule = ExtentRule()) -> Optional[DrawnLength]:
+    """One segment from its drawn area on each labelled slice (pixels).
+
+    None unless drawn on two slices or more, spread along it: a dense
+    drawing's span is where the user drew, not how long the structure is.
+    """
     present = sorted(i for i, area in areas.items() if area > 0)
     if len(present) < 2:
         return None
     radius = equivalent_radius_mm(max(areas[i] for i in present), pixel_area_mm2)
-    return DrawnLength((present[-1] - present[0]) * slice_mm, label_spacing(present) * slice_mm, radius)
+    gap = label_spacing(present)
+    if drawn_densely(rule, gap, radius / slice_mm):
+        return None
+    return DrawnLength((present[-1] - present[0]) * slice_mm, gap * slice_mm, radius)
 
 
 def drawn_lengths(labels: np.ndarray, segments: Sequence[Segment], axis: str, labelled: Sequence[int],
