@@ -174,10 +174,10 @@ def spacing_limit(rule: ExtentRule, areas: Mapping[int, int], outermost: int, pi
     / 0.27 / 0.38 / 0.41 at a spacing bound of 1.0 (0.76 / 0.37 / 0.45 at
     0.75: evenly drawn slices sit one gap inside the ends, which 1.0
     matches), 0.81 / 0.60 / 0.54 / 0.41 with the taper at 0.5 (the default)
-    (known exactly, by radius: 0.91 / 0.99 / 0.71 / 0.97). With every gap
-    taken for a spacing (no ``dense_gap``, one slice a gap) the taper's row
-    was 0.82 / 0.60 / 0.54 / 0.19. A known length wins wherever the user
-    does not draw evenly.
+    (known exactly, by radius: 0.91 / 0.99 / 0.71 / 0.97). Before dense
+    drawings were told apart (every gap, one of a single slice too, taken
+    for the user's spacing) the taper's row was 0.82 / 0.60 / 0.54 / 0.19.
+    A known length wins wherever the user does not draw evenly.
     """
     drawn = sorted(areas)
     end_area = areas[outermost]
