@@ -7,7 +7,7 @@ question is how to place that length around the drawn slices. This study
 answers it on real anatomy without any model: every label of the atlases in
 Debian ``mricron-data`` (AAL without the held-out amygdala and pallidum,
 JHU white matter, Harvard-Oxford cortical, Brodmann), on each of the three
-axes, at 1 and 3 mm slices, drawn on 2, 3 or 5 slices placed three ways:
+axes, at 1 and 3 mm slices, drawn on 2, 3 or 5 slices placed four ways:
 
 - ``even``: evenly inside the extent, as ``bench quality`` draws;
 - ``inset``: the outer drawn slices 1-3 slices in from the true ends;

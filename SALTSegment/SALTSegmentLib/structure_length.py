@@ -10,8 +10,9 @@ uses.
 
 At training, each case records, per segment drawn on two or more slices
 spread along it (not densely, :func:`extent.drawn_densely`: a few
-neighbouring slices say nothing of its length), the span of its drawn slices, the largest gap between them and its largest
-cross-section (as a disc radius), in millimetres (:func:`drawn_lengths`); the
+neighbouring slices say nothing of its length), the span of its drawn
+slices, the largest gap between them and its largest cross-section (as a
+disc radius), in millimetres (:func:`drawn_lengths`); the
 records travel with the adapter's cases, through every continuation. At
 propagation, :func:`reach_per_radius` turns them into one number per segment:
 how many in-plane radii the structure reaches on each side of a drawn slice.
