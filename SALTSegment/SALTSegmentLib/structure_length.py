@@ -57,19 +57,21 @@ class DrawnLength:
         return all(abs(a - b) < 0.01 for a, b in zip(astuple(self), astuple(other)))
 
 
-def drawn_length(areas: Mapping[int, int], slice_mm: float, pixel_area_mm2: float,
-                 rule: ExtentRule = ExtentRule()) -> Optional[DrawnLength]:
+def drawn_length(areas: Mapping[int, int], slice_mm: float, pixel_area_mm2: float) -> Optional[DrawnLength]:
     """One segment from its drawn area on each labelled slice (pixels).
 
     None unless drawn on two slices or more, spread along it: a dense
     drawing's span is where the user drew, not how long the structure is.
+    Density is judged by the default :class:`extent.ExtentRule`, whatever a
+    propagation is configured with, so that box mode's check for a record
+    of its own drawing (:func:`reach_per_radius`) sees what training recorded.
     """
     present = sorted(i for i, area in areas.items() if area > 0)
     if len(present) < 2:
         return None
     radius = equivalent_radius_mm(max(areas[i] for i in present), pixel_area_mm2)
     gap = label_spacing(present)
-    if drawn_densely(rule, gap, radius / slice_mm):
+    if drawn_densely(ExtentRule(), gap, radius / slice_mm):
         return None
     return DrawnLength((present[-1] - present[0]) * slice_mm, gap * slice_mm, radius)
 
