@@ -289,6 +289,53 @@ def test_a_walk_towards_a_slice_drawn_without_the_segment_stops_half_way(lite_me
     assert ends[1] == SegmentEnd(15, END_DRAWN, 7)
 
 
+def test_a_slice_marked_without_the_segment_stops_its_walk_right_before_it(lite_medsam, prompts, crop, one_thread):
+    """The user looked at slice 16 and found no thalamus there: the walk may go up to it, not half way.
+
+    The mark is the thalamus's alone: the caudate, not marked, walks on as before, and slice 16 is not a
+    labelled slice for it. The thalamus is empty on its marked slice, and that slice is never suggested.
+    """
+    from SALTSegmentLib.extent import END_MARKED, SegmentEnd
+
+    image, spacing, reference, _, segments = crop
+    drawn = np.zeros_like(reference)
+    drawn[8] = reference[8]
+    only_emptiness = ExtentRule(min_similarity=0.0, min_area_ratio=0.0)
+    runs = {}
+    for marks in ({}, {"Thalamus_L": [16]}):
+        runs[bool(marks)] = _propagator(lite_medsam, prompts, crop, extent=only_emptiness).run(
+            image, spacing, drawn, [8], absent_slices=marks)
+    ends = {marked: {e.name: e for e in run.extents} for marked, run in runs.items()}
+    assert ends[True]["Thalamus_L"].last == SegmentEnd(15, END_MARKED, 7)
+    thalamus = next(s for s in segments if s.name == "Thalamus_L")
+    assert ends[False]["Thalamus_L"].last.slice == COUNT - 1            # unmarked, it walks to the crop's edge
+    assert (runs[False].labels[16] == thalamus.label).any()
+    assert ends[True]["Caudate_L"] == ends[False]["Caudate_L"]
+    assert not (runs[True].labels[16] == thalamus.label).any()
+    assert all(n.slice != 16 for n in runs[True].suggestions if n.segment == "Thalamus_L")
+
+
+def test_marked_slices_stay_empty_in_every_mode_and_bad_marks_are_refused(lite_medsam, prompts, crop):
+    """Fill between slices crosses a marked slice between two drawn ones; the mark empties it all the same."""
+    from SALTSegmentLib.propagation import PropagationInputError, check_absent_slices
+
+    image, spacing, _, drawn, segments = crop
+    thalamus = next(s for s in segments if s.name == "Thalamus_L")
+    fill = _propagator(lite_medsam, prompts, crop, mode="interpolate")
+    plain = fill.run(image, spacing, drawn, DRAWN)
+    marked = fill.run(image, spacing, drawn, DRAWN, absent_slices={"Thalamus_L": [10]})
+    assert (plain.labels[10] == thalamus.label).any() and not (marked.labels[10] == thalamus.label).any()
+    others = np.ones(len(drawn), bool)
+    others[10] = False
+    np.testing.assert_array_equal(plain.labels[others], marked.labels[others])
+    np.testing.assert_array_equal(np.where(plain.labels[10] == thalamus.label, 0, plain.labels[10]), marked.labels[10])
+
+    for marks, message in (({"Putamen_L": [10]}, "not one of the adapter's segments"),
+                           ({"Thalamus_L": [COUNT]}, "outside"), ({"Thalamus_L": [DRAWN[1]]}, "drawn on slice")):
+        with pytest.raises(PropagationInputError, match=message):
+            check_absent_slices(marks, segments, "k", drawn.shape, drawn)
+
+
 def test_walks_a_bound_ended_keep_the_closing_shape_and_evidence_ended_ones_take_the_model(lite_medsam, prompts,
                                                                                           crop, one_thread):
     """From three drawn slices, walks cut by the spacing bound leave the shape closed towards their ends."""

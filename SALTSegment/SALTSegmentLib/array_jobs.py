@@ -11,7 +11,7 @@ the benchmarks measure exactly what the CLI runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -82,8 +82,12 @@ def fine_tune(model: PromptableSegmenter, cases: FewShotData | Sequence[FewShotD
 def propagate(adapted: AdaptedModel, image: np.ndarray, spacing: Sequence[float], axis: str,
               config: PropagationConfig, drawn: Optional[np.ndarray] = None, labelled: Sequence[int] = (),
               on_progress: Optional[Callable[[PropagationProgress], None]] = None,
-              should_stop: StopCheck = None) -> PropagationResult:
+              should_stop: StopCheck = None,
+              absent: Optional[Mapping[str, Sequence[int]]] = None) -> PropagationResult:
     """Segment ``image`` along ``axis`` from the user's ``drawn`` slices (box mode) or the prompts alone.
+
+    ``absent`` (segment name -> slices) are slices the user marked without
+    that segment (see :meth:`VolumePropagator.run`).
 
     The adapter is merged into plain weights first (once; merging again
     changes nothing), so propagation pays nothing for it.
@@ -92,4 +96,4 @@ def propagate(adapted: AdaptedModel, image: np.ndarray, spacing: Sequence[float]
         merge_adapters(adapted.model)
     propagator = VolumePropagator(adapted.model, adapted.prompts, adapted.segments, adapted.intensity, axis, config,
                                   adapted.lengths)
-    return propagator.run(image, spacing, drawn, list(labelled), on_progress, should_stop)
+    return propagator.run(image, spacing, drawn, list(labelled), on_progress, should_stop, absent)

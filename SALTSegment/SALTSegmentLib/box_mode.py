@@ -18,12 +18,17 @@ For one segment:
 :class:`BoxPropagation` holds what one volume's run shares between segments
 (the embeddings made so far, the grid, the labelled slices), so the
 leave-one-out estimate (:mod:`estimate`) reuses it for free.
+
+A slice the user marked as without a segment (``absent``: in Slicer, a slice
+they emptied after a propagation) counts as a labelled slice for that segment
+alone: the interpolation leaves it empty and a walk stops before it, all the
+way up to it rather than half way, since the user looked at that very slice.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -31,8 +36,8 @@ from scipy import ndimage
 
 from . import preprocessing as pp
 from .appearance import SegmentAppearance, build_appearance
-from .extent import (END_DRAWN, END_EDGE, END_HALFWAY, END_RANGE, END_SIZE, EVIDENCE_ENDS, SegmentEnd, SegmentExtent,
-                     WalkStep, decide_end, halfway_limit, spacing_limit)
+from .extent import (END_DRAWN, END_EDGE, END_HALFWAY, END_MARKED, END_RANGE, END_SIZE, EVIDENCE_ENDS, SegmentEnd,
+                     SegmentExtent, WalkStep, decide_end, halfway_limit, spacing_limit)
 from .interpolation import interpolate_segment
 from .slices import array_axis
 from .structure_length import drawn_length, reach_per_radius
@@ -127,8 +132,10 @@ class BoxPropagation:
 
     def __init__(self, propagator, volume01: np.ndarray, geometry: pp.SliceGeometry,
                  spacing: tuple[float, float, float], indices: Sequence[int],
-                 should_stop: Optional[Callable[[], bool]] = None) -> None:
+                 should_stop: Optional[Callable[[], bool]] = None,
+                 absent: Optional[Mapping[str, Iterable[int]]] = None) -> None:
         self.propagator = propagator
+        self.absent = {name: frozenset(int(i) for i in slices) for name, slices in (absent or {}).items()}
         self.config = propagator.config
         self.axis = propagator.axis
         self.volume01 = volume01
@@ -177,8 +184,10 @@ class BoxPropagation:
         ``only`` restricts the model's work between drawn slices to that one
         slice (the leave-one-out estimate needs no other); ``known_ends``
         reuses ends already decided (None entries are walked again).
+        ``labelled`` are the slices labelled for every segment; the slices
+        marked without this one are added here.
         """
-        labelled = sorted(labelled)
+        labelled = sorted(set(labelled) | self.absent.get(name, frozenset()))
         present = [i for i in labelled if pp.take_slice(drawn, self.axis, i).any()]
         if not present:
             return None
@@ -246,7 +255,9 @@ class BoxPropagation:
         # and never outwards past the slice range (it may cross into the range from a drawn slice outside).
         absent = [i for i in labelled if (i - outermost) * direction > 0]
         if absent:
-            limit, hard_reason = (max(absent) if direction < 0 else min(absent)) - direction, END_DRAWN
+            nearest = max(absent) if direction < 0 else min(absent)
+            marked = nearest in self.absent.get(name, ())
+            limit, hard_reason = nearest - direction, END_MARKED if marked else END_DRAWN
         else:
             limit, hard_reason = (0 if direction < 0 else self.count - 1), END_EDGE
         range_edge = self.indices[0] if direction < 0 else self.indices[-1]

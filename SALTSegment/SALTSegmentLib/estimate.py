@@ -21,20 +21,20 @@ slices, or the far end of a stretch the walk extrapolated on soft evidence.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from . import preprocessing as pp
 from .box_mode import BoxPropagation, SegmentResult
-from .extent import END_DRAWN, END_EDGE, END_RANGE
+from .extent import END_DRAWN, END_EDGE, END_MARKED, END_RANGE
 from .host.propagation_findings import NextSlice
 from .interpolation import interpolate_segment
 from .metrics import dice
 from .volume_io import Segment
 
 MIN_DRAWN_FOR_ESTIMATE = 3
-HARD_ENDS = (END_DRAWN, END_EDGE, END_RANGE)   # ends the user's labels or the volume fix, not evidence
+HARD_ENDS = (END_DRAWN, END_MARKED, END_EDGE, END_RANGE)   # ends the user's labels or the volume fix, not evidence
 
 
 @dataclass
@@ -118,19 +118,21 @@ def _segment_estimate(run: BoxPropagation, k: int, segment: Segment, drawn: np.n
 
 
 def suggest_next_slices(segments: Sequence[Segment], user_labels: np.ndarray, labelled: Sequence[int],
-                        results: Sequence[Optional[SegmentResult]], axis: str) -> list[NextSlice]:
+                        results: Sequence[Optional[SegmentResult]], axis: str,
+                        absent: Optional[Mapping[str, Iterable[int]]] = None) -> list[NextSlice]:
     """Per segment, the unlabelled slice whose drawing removes the most uncertainty.
 
     Candidates, scored by the slices they leave to guesswork: the middle of
     each gap between drawn slices (half the gap on either side), and the far
     end of an extrapolated stretch whose end came from evidence rather than
     from a label (the whole stretch, plus one: the end itself is a guess).
+    A slice marked without the segment (``absent``) is never suggested for it.
     """
     suggestions = []
-    labelled_set = set(labelled)
     for segment, result in zip(segments, results):
         if result is None:
             continue
+        labelled_set = set(labelled) | {int(i) for i in (absent or {}).get(segment.name, ())}
         drawn = user_labels == segment.label
         present = [i for i in labelled if pp.take_slice(drawn, axis, i).any()]
         candidates: list[tuple[float, int, str]] = []

@@ -40,6 +40,7 @@ END_SIZE = "the drawn region's size bounds it"
 END_LENGTH = "its length in the adapter's training cases bounds it"
 END_TAPER = "its drawn area shrinks towards the end"
 END_HALFWAY = "half way to a labelled slice without it"
+END_MARKED = "up to a slice where you marked it absent"
 # The ends the model's own answers decided; every other end is a bound.
 EVIDENCE_ENDS = (END_EMPTY, END_SHRANK, END_APPEARANCE)
 

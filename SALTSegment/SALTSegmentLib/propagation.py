@@ -165,11 +165,15 @@ class VolumePropagator:
     def run(self, image: np.ndarray, spacing: tuple[float, float, float],
             user_labels: Optional[np.ndarray] = None, labelled_slices: Optional[list[int]] = None,
             on_progress: Optional[Callable[[PropagationProgress], None]] = None,
-            should_stop: Optional[Callable[[], bool]] = None) -> PropagationResult:
+            should_stop: Optional[Callable[[], bool]] = None,
+            absent_slices: Optional[Mapping[str, Sequence[int]]] = None) -> PropagationResult:
         """Segment ``image`` (z, y, x). ``user_labels`` + ``labelled_slices`` are what the user drew.
 
         ``user_labels`` may hold layers (overlapping segments, see :mod:`label_layers`):
         box mode then starts each segment from its own drawn voxels.
+        ``absent_slices`` (segment name -> slices) are slices the user marked
+        without that segment: it is empty there in every mode, and box mode's
+        walks stop before them (:class:`~box_mode.BoxPropagation`).
         """
         start = time.perf_counter()
         if user_labels is not None and spatial_shape(user_labels) != image.shape:
@@ -180,6 +184,7 @@ class VolumePropagator:
             raise PropagationInputError(
                 f"'{self.config.mode}' propagation starts from labelled slices: pass the labels you drew")
         indices = self._slice_indices(image.shape)
+        absent = check_absent_slices(absent_slices or {}, self.segments, self.axis, image.shape, flat)
 
         def report(done: int, total: int) -> None:
             if on_progress is not None:
@@ -204,7 +209,7 @@ class VolumePropagator:
             else:
                 try:
                     labels, extents, estimate, suggestions, masks = self._run_box(
-                        volume01, geometry, user_labels, labelled, indices, spacing, report, should_stop)
+                        volume01, geometry, user_labels, labelled, indices, spacing, report, should_stop, absent)
                 except PropagationStopped:
                     labels, interrupted = np.zeros(image.shape, np.uint16), True
         outside = np.ones(pp.slice_count(image.shape, self.axis), dtype=bool)
@@ -213,10 +218,26 @@ class VolumePropagator:
         for mask in masks or []:
             if mask is not None:
                 mask[_along(outside, self.axis)] = False
+        self._clear_absent(labels, masks, absent)
         if user_labels is not None:
             put_back_slices(labels, flat, labelled, self.axis, values)
         return PropagationResult(labels, indices, time.perf_counter() - start, interrupted, extents, estimate,
                                  suggestions, masks)
+
+    def _clear_absent(self, labels: np.ndarray, masks: Optional[list[Optional[np.ndarray]]],
+                      absent: Mapping[str, Sequence[int]]) -> None:
+        """Empty each segment on the slices marked without it (in place): the user looked and it is not there."""
+        for k, segment in enumerate(self.segments):
+            slices = absent.get(segment.name)
+            if not slices:
+                continue
+            marked = np.zeros(labels.shape[array_axis(self.axis)], dtype=bool)
+            marked[list(slices)] = True
+            region = labels[_along(marked, self.axis)]
+            region[region == segment.label] = 0
+            labels[_along(marked, self.axis)] = region
+            if masks is not None and masks[k] is not None:
+                masks[k][_along(marked, self.axis)] = False
 
     # ------------------------------------------------------------------ auto
     def _run_auto(self, volume01, indices, geometry, report, should_stop) -> tuple[np.ndarray, bool]:
@@ -243,10 +264,10 @@ class VolumePropagator:
         return np.where(confident, values[best], 0).astype(np.uint16)
 
     # ------------------------------------------------------------------ box
-    def _run_box(self, volume01, geometry, user_labels, labelled, indices, spacing, report, should_stop
+    def _run_box(self, volume01, geometry, user_labels, labelled, indices, spacing, report, should_stop, absent
                  ) -> tuple[np.ndarray, list[SegmentExtent], Optional[QualityEstimate], list[NextSlice],
                             list[Optional[np.ndarray]]]:
-        run = BoxPropagation(self, volume01, geometry, spacing, indices, should_stop)
+        run = BoxPropagation(self, volume01, geometry, spacing, indices, should_stop, absent)
         steps = len(self.segments) * (2 if self.config.estimate else 1)
         results = []
         for k, segment in enumerate(self.segments):
@@ -257,10 +278,36 @@ class VolumePropagator:
             flat = flatten_layers(user_labels, self.segments)
             estimate = leave_one_out(run, self.segments, flat, labelled, results,
                                      on_segment=lambda k: report(len(self.segments) + k + 1, steps))
-            suggestions = suggest_next_slices(self.segments, flat, labelled, results, self.axis)
+            suggestions = suggest_next_slices(self.segments, flat, labelled, results, self.axis, absent)
         masks = [None if r is None else r.mask for r in results]
         labels = compose_label_map(masks, [s.label for s in self.segments], volume01.shape)
         return labels, [r.extent for r in results if r is not None], estimate, suggestions, masks
+
+
+def check_absent_slices(absent: Mapping[str, Sequence[int]], segments: Sequence[Segment], axis: str,
+                        shape: Sequence[int], drawn: Optional[np.ndarray] = None) -> dict[str, list[int]]:
+    """Slices marked without a segment, checked: the adapter's segment names, slices in the volume, none drawn on.
+
+    ``drawn`` is the user's label map in the adapter's label values (one
+    label per voxel). Returns each name's sorted slices.
+    """
+    labels = {s.name: s.label for s in segments}
+    unknown = [name for name in absent if name not in labels]
+    if unknown:
+        raise PropagationInputError(f"Marked absent: {', '.join(map(repr, unknown))}, not one of the adapter's "
+                                    f"segments ({', '.join(labels)})")
+    count = pp.slice_count(tuple(shape), axis)
+    checked = {}
+    for name, slices in absent.items():
+        outside = sorted({int(i) for i in slices if not 0 <= int(i) < count})
+        if outside:
+            raise PropagationInputError(f"{name} marked absent on slice(s) {outside}, outside 0..{count - 1}")
+        checked[name] = sorted({int(i) for i in slices})
+        drawn_on = [] if drawn is None else [i for i in checked[name]
+                                             if (pp.take_slice(drawn, axis, i) == labels[name]).any()]
+        if drawn_on:
+            raise PropagationInputError(f"{name} is drawn on slice(s) {drawn_on}, which are marked without it")
+    return checked
 
 
 def _along(per_slice: np.ndarray, axis: str) -> tuple:
