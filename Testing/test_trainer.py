@@ -93,3 +93,37 @@ def test_recomputing_activations_gives_the_same_gradients_as_keeping_them(sample
     assert sum(bool(gradients[0][n].abs().sum() > 0) for n in encoder) > len(encoder) // 2   # the blocks train
     for name in gradients[0]:
         torch.testing.assert_close(gradients[1][name], gradients[0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_a_slice_marked_without_a_segment_trains_it_as_absent_and_leaves_the_others_unknown(sample_image_path,
+                                                                                           sample_labels_path):
+    """A slice the user checked for one segment only says nothing of the others: no loss term for them there."""
+    from SALTSegmentLib.models import load_model
+    from SALTSegmentLib.training import TrainingInputError
+
+    image, geometry = read_image(sample_image_path)
+    labels, _, segments = read_label_map(sample_labels_path)
+    image, labels = image[40:56], labels[40:56]
+    kept = [s for s in segments if s.name in ("Thalamus_L", "Caudate_L")]
+    thalamus = kept[0] if kept[0].name == "Thalamus_L" else kept[1]
+    drawn = np.where(np.isin(labels, [s.label for s in kept]), labels, 0)
+    drawn[[i for i in range(16) if i not in (2, 6)]] = 0
+    assert not (labels[13] == thalamus.label).any() and (labels[13] != 0).any()   # past the thalamus, not empty
+    intensity = pp.parse_intensity("auto", image)
+    data = FewShotData(image, drawn, geometry.spacing, kept, intensity, "k", absent={"Thalamus_L": [13]})
+    trainer = FewShotTrainer(load_model("lite_medsam"), data,
+                             TrainingConfig(method="decoder", steps=1, copies_per_slice=2, batch_size=1))
+    assert trainer.slices == [2, 6]                       # the labelled slices stay what the user drew
+    bank = trainer.bank
+    assert bank.features.shape[0] == 2 * 3                # slices 2, 6 and the marked slice 13, two copies each
+    order = [s.name for s in trainer.segments]
+    marked_rows = bank.known[4:]
+    assert marked_rows[:, order.index("Thalamus_L")].all() and not marked_rows[:, order.index("Caudate_L")].any()
+    assert not bank.present[4:].any() and bank.known[:4].all()
+    assert math.isfinite(trainer.step()[0])
+
+    for absent, message in (({"Putamen_L": [13]}, "not a selected segment"), ({"Thalamus_L": [16]}, "outside"),
+                            ({"Thalamus_L": [6]}, "drawn on slice")):
+        bad = FewShotData(image, drawn, geometry.spacing, kept, intensity, "k", absent=absent)
+        with pytest.raises(TrainingInputError, match=message):
+            FewShotTrainer(load_model("lite_medsam"), bad, TrainingConfig(method="decoder", steps=1))

@@ -96,6 +96,8 @@ class FewShotData:
     axis: str = "k"                            # a voxel axis key (see slices.py); "axial" still reads as k
     labelled_slices: Optional[list[int]] = None
     name: str = ""                             # the case's name in messages (its image file name)
+    # Segment name -> slices the user marked without it (not labelled for the others): negatives for it alone.
+    absent: dict[str, list[int]] = field(default_factory=dict)
 
     def resolved_slices(self) -> list[int]:
         """The explicit list, or every slice where a selected segment has voxels."""
@@ -108,6 +110,28 @@ class FewShotData:
             return sorted(set(int(s) for s in self.labelled_slices))
         return labelled_slices(self.labels, [s.label for s in self.segments], self.axis)
 
+    def marked_only_slices(self, labelled: Sequence[int]) -> list[int]:
+        """Slices marked without some segment that are not labelled slices (known for those segments alone)."""
+        return sorted({int(i) for slices in self.absent.values() for i in slices} - set(labelled))
+
+
+def check_absent_marks(data: FewShotData) -> None:
+    """Refuse marks of a segment the case does not train, off the volume, or on a slice where it is drawn."""
+    count = pp.slice_count(data.labels.shape, data.axis)
+    by_name = {s.name: s.label for s in data.segments}
+    what = f"{data.name}: " if data.name else ""
+    for name, slices in data.absent.items():
+        if name not in by_name:
+            raise TrainingInputError(f"{what}marked absent: '{name}' is not a selected segment "
+                                     f"({', '.join(by_name)})")
+        outside = [int(i) for i in slices if not 0 <= int(i) < count]
+        if outside:
+            raise TrainingInputError(f"{what}'{name}' marked absent on slice(s) {outside}, outside 0..{count - 1} "
+                                     f"along voxel axis {voxel_axis(data.axis)}")
+        drawn_on = [int(i) for i in slices if (pp.take_slice(data.labels, data.axis, int(i)) == by_name[name]).any()]
+        if drawn_on:
+            raise TrainingInputError(f"{what}'{name}' is drawn on slice(s) {drawn_on}, which are marked without it")
+
 
 def check_training_data(data: FewShotData, slices: Optional[list[int]] = None) -> list[int]:
     """Refuse data that cannot train an adapter; return the labelled slices.
@@ -116,6 +140,7 @@ def check_training_data(data: FewShotData, slices: Optional[list[int]] = None) -
     """
     if not data.segments:
         raise TrainingInputError("The label map holds no segment: draw at least one segment on one slice")
+    check_absent_marks(data)
     slices = data.resolved_slices() if slices is None else slices
     if not slices:
         if data.labels.any():  # something is drawn, just not the segments chosen
@@ -165,6 +190,7 @@ def check_training_cases(cases: Sequence[FewShotData]) -> list[list[int]]:
         what = case.name or f"case {number}"
         if not case.segments:
             raise TrainingInputError(f"{what}: the label map holds no segment")
+        check_absent_marks(case)
         slices = case.resolved_slices()
         if not slices:
             raise TrainingInputError(f"{what}: no labelled slice (no selected segment has voxels)")
@@ -356,10 +382,20 @@ class FewShotTrainer:
         held = {s.name for s in case.segments if (stack == s.label).any()}
         return torch.tensor([s.name in held for s in self.segments])
 
+    def _known_per_slice(self, case: FewShotData, labelled: list[int], marked: list[int]) -> torch.Tensor:
+        """(slices, K): a labelled slice knows the case's segments; a marked-only slice those marked absent there."""
+        on_labelled = self._known(case, labelled)
+        rows = [on_labelled] * len(labelled)
+        for index in marked:
+            rows.append(torch.tensor([index in case.absent.get(s.name, ()) for s in self.segments]))
+        return torch.stack(rows)
+
     def _build_bank(self, generator: torch.Generator) -> _Bank:
         parts = []
-        for number, (case, slices) in enumerate(zip(self.cases, self.case_slices)):
+        for number, (case, labelled) in enumerate(zip(self.cases, self.case_slices)):
             geometry = self._geometry(case)
+            marked = case.marked_only_slices(labelled)
+            slices = labelled + marked
             images, masks = self._labelled_inputs(case, slices, geometry)
             copies_images, copies_masks = [], []
             for image, mask in zip(images, masks):
@@ -370,7 +406,7 @@ class FewShotTrainer:
                     copies_images.append(augmented_image)
                     copies_masks.append(augmented_mask)
             images, masks = torch.stack(copies_images), torch.stack(copies_masks)
-            known = self._known(case, slices).expand(masks.shape[0], -1)
+            known = self._known_per_slice(case, labelled, marked).repeat_interleave(self.config.copies_per_slice, 0)
             parts.append((self._input_features(images, geometry), masks, known,
                           torch.full((masks.shape[0],), number, dtype=torch.long),
                           torch.tensor(geometry.resized_shape).expand(masks.shape[0], -1)))
