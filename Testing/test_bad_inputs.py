@@ -91,6 +91,10 @@ CASES = [
     Case("unknown segment name", [*TRAIN, "--segments", "nope"], r"No segment named 'nope' .*Thalamus_L"),
     Case("labelled slice out of range", [*TRAIN, "--slices", "99"], r"Labelled slice\(s\) \[99\] outside 0\.\.7"),
     Case("chosen slice not drawn", [*TRAIN, "--slices", "0"], r"Segment 'Thalamus_L' has no voxels"),
+    Case("marked absent where it is drawn", [*TRAIN, "--absent", "Thalamus_L=2"],
+         r"'Thalamus_L' is drawn on slice\(s\) \[2\], which are marked without it"),
+    Case("marked absent: a segment not trained", [*TRAIN, "--absent", "Putamen_L=3"],
+         r"marked absent: 'Putamen_L' is not a selected segment \(Thalamus_L\)"),
     Case("unknown intensity setting", [*TRAIN, "--intensity", "foo"], r"Unknown intensity setting 'foo'"),
     # --- models and weights (a ViT at 1024 px may not fit this machine's memory: the limit is lifted so that
     #     the weights checks, which come after the memory check, are reached)
@@ -162,6 +166,14 @@ CASES = [
          r"segments: Liver\)", command="propagate", out="seg.seg.nrrd", hint="--match-by value"),
     Case("negative slice in --range", [*PROPAGATE, "--range", "-1:5"], r"Slice range -1:5 is outside 0:7",
          command="propagate", out="seg.seg.nrrd"),
+    Case("marked absent: not the adapter's segment", [*PROPAGATE, "--absent", "Putamen_L=3"],
+         r"Marked absent: 'Putamen_L', not one of the adapter's segments \(Thalamus_L\)",
+         command="propagate", out="seg.seg.nrrd"),
+    Case("marked absent off the volume", [*PROPAGATE, "--absent", "Thalamus_L=9"],
+         r"Thalamus_L marked absent on slice\(s\) \[9\], outside 0\.\.7", command="propagate", out="seg.seg.nrrd"),
+    Case("marked absent where it is drawn (propagate)", [*PROPAGATE, "--labels", "{drawn}", "--absent", "Thalamus_L=6"],
+         r"Thalamus_L is drawn on slice\(s\) \[6\], which are marked without it", command="propagate",
+         out="seg.seg.nrrd"),
     Case("unknown output file type", [*PROPAGATE, "--out", "{case}/seg.txt"], r"Cannot write a label map to 'seg.txt'",
          command="propagate", out=""),
     Case("propagation too big for the memory limit", PROPAGATE,
@@ -417,6 +429,9 @@ def test_debug_shows_the_traceback(inputs, capsys, restore_signals):
     (["train", "--image", "i", "--labels", "l", "--out", "o", "--learning-rate", "nan"], "expected a positive number"),
     (["propagate", "--image", "i", "--adapter", "a", "--out", "o", "--range", "a:b"], "expected FIRST:LAST"),
     (["train", "--image", "i", "--labels", "l", "--out", "o", "--slices", "1,x"], "comma-separated slice numbers"),
+    (["propagate", "--image", "i", "--adapter", "a", "--out", "o", "--absent", "52"], "expected NAME=SLICES"),
+    (["train", "--image", "i", "--labels", "l", "--out", "o", "--absent", "Thalamus_L=x"],
+     "comma-separated slice numbers"),
 ])
 def test_usage_errors_exit_2(argv, message, capsys):
     from SALTSegmentLib.cli import build_parser

@@ -74,6 +74,27 @@ def test_json_progress_stream_ends_with_a_result(tiny_case, tmp_path):
     assert any(row["index"] == 4 for row in report["slices"])
 
 
+def test_a_slice_marked_absent_trains_as_one_and_stops_the_walk_before_it(tiny_case, tmp_path):
+    """``--absent Thalamus_L=0``: crop slice 0 (the sample's 28) lies past the thalamus's first slice (30)."""
+    from SALTSegmentLib.volume_io import read_label_map
+
+    out = tmp_path / "adapter.safetensors"
+    completed = subprocess.run(_train_args(tiny_case, out, 2, "--absent", "Thalamus_L=0"), capture_output=True,
+                               text=True, env=_environment(), timeout=600)
+    assert completed.returncode == EXIT_OK, completed.stderr
+    seg = tmp_path / "seg.seg.nrrd"
+    completed = subprocess.run(_cli("propagate", "--image", str(tiny_case / "image.nrrd"), "--adapter", str(out),
+                                    "--out", str(seg), "--labels", str(tiny_case / "drawn.seg.nrrd"),
+                                    "--absent", "Thalamus_L=0", "--progress", "json"),
+                               capture_output=True, text=True, env=_environment(), timeout=600)
+    assert completed.returncode == EXIT_OK, completed.stderr
+    events = [parse_line(line) for line in completed.stdout.splitlines()]
+    first = events[-1]["summary"]["extents"][0]["first_reason"]
+    assert first == "up to a slice where you marked it absent"
+    labels, _, _ = read_label_map(seg)
+    assert not labels[0].any() and labels[1].any()
+
+
 def test_sigterm_during_training_saves_a_loadable_adapter(tiny_case, tmp_path):
     out = tmp_path / "adapter.safetensors"
     process = subprocess.Popen(_train_args(tiny_case, out, 500, "--checkpoint-every", "1000"),

@@ -45,6 +45,26 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated slice numbers, got '{text}'") from None
 
 
+def _absent_mark(text: str) -> tuple[str, list[int]]:
+    """``NAME=S1,S2`` -> (NAME, [S1, S2]); split at the last ``=``, so a name may hold one."""
+    name, sep, slices = text.rpartition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=SLICES (e.g. Thalamus_L=52,53), got '{text}'")
+    return name.strip(), _int_list(slices)
+
+
+def _absent_marks(marks: Optional[Sequence[tuple[str, list[int]]]]) -> dict[str, list[int]]:
+    """Repeated ``--absent`` options as one mapping (a name given twice gets both lists)."""
+    merged: dict[str, list[int]] = {}
+    for name, slices in marks or ():
+        merged[name] = sorted(set(merged.get(name, [])) | set(slices))
+    return merged
+
+
+_ABSENT_HELP = ("NAME=SLICES: slices you checked and found without segment NAME, numbered along the slice plane; "
+                "{what}; repeat per segment")
+
+
 def _protocol_list(text: str) -> list[str]:
     from .bench.cases import PROTOCOLS
 
@@ -161,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated segment names or label values (default: all)")
     train.add_argument("--slices", type=_int_list,
                        help="labelled slice numbers; default: every slice where a selected segment has voxels")
+    train.add_argument("--absent", type=_absent_mark, action="append", metavar="NAME=SLICES",
+                       help=_ABSENT_HELP.format(what="the adapter learns that it is not there"))
     train.add_argument("--axis", choices=AXES, default=None,
                        help="slice plane: axial (default, or the --init adapter's plane), coronal or sagittal (the "
                             "anatomical plane, found from the image's direction matrix), or i, j, k (a voxel axis "
@@ -190,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "interpolate: Slicer's Fill between slices alone; "
                                 "auto (default without --labels): learned prompts on every slice")
     propagate.add_argument("--range", type=_slice_range, dest="slice_range", help="FIRST:LAST slices (inclusive)")
+    propagate.add_argument("--absent", type=_absent_mark, action="append", metavar="NAME=SLICES",
+                           help=_ABSENT_HELP.format(what="they stay empty, and box mode's walks stop before them"))
     propagate.add_argument("--match-by", choices=MATCH_MODES, default="auto",
                            help="pair drawn segments with the adapter's by name or by label value "
                                 "(auto: by name, by value when the label map carries no names)")
@@ -287,6 +311,8 @@ def _train_cases(args):
     if args.slices is not None and len(cases) > 1:
         raise UsageError("--slices applies to one volume; with several, put each volume's slices in the "
                          "'slices' column of --cases")
+    if args.absent and len(cases) > 1:
+        raise UsageError("--absent applies to one volume; train on several without it")
     return cases
 
 
@@ -312,7 +338,7 @@ def _train(args, reporter, stop: StopRequest, distributed=None) -> int:
     job = TrainJob(image=cases[0].image, labels=cases[0].labels, out=args.out, model_id=args.model,
                    weights=args.weights, segments=args.segments, slices=args.slices or cases[0].slices,
                    axis=args.axis, intensity=args.intensity, resample_labels=args.resample_labels, config=config,
-                   cases=cases[1:], init=args.init)
+                   cases=cases[1:], init=args.init, absent=_absent_marks(args.absent))
     # The progress bar starts once the inputs are checked, so a bad input prints only its error line.
     outcome = run_training(job, on_step=reporter.train_step, should_stop=stop,
                            on_checkpoint=reporter.checkpoint, on_message=reporter.message,
@@ -335,6 +361,8 @@ def _propagate(args, reporter, stop: StopRequest, distributed=None) -> int:
     from .propagation import PropagationConfig
 
     if args.cases:
+        if args.absent:
+            raise UsageError("--absent applies to one volume; give --image, not --cases")
         return _propagate_cases(args, reporter, stop, distributed)
     if not args.image:
         raise UsageError("give --image (one volume) or --cases FILE (many)")
@@ -343,7 +371,7 @@ def _propagate(args, reporter, stop: StopRequest, distributed=None) -> int:
                                cleanup=not args.no_cleanup, device=args.device, precision=args.precision)
     job = PropagateJob(image=args.image, adapter=args.adapter, out=args.out, labels=args.labels,
                        weights=args.weights, resample_labels=args.resample_labels, match_by=args.match_by,
-                       config=config)
+                       config=config, absent=_absent_marks(args.absent))
     outcome = run_propagation(job, on_progress=reporter.propagation_step, should_stop=stop, on_message=reporter.message,
                               on_ready=lambda: reporter.start("propagate", 0, device=args.device,
                                                               pid=os.getpid()))

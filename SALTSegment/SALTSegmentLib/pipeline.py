@@ -30,7 +30,7 @@ from .metrics import EvaluationReport, evaluate_label_maps
 from .models import WeightsError, get_spec, load_model
 from .array_jobs import AdaptedModel, fine_tune, propagate
 from .propagation import (MODES_NEEDING_LABELS, PropagationConfig, PropagationInputError, PropagationProgress,
-                          PropagationResult, encoder_batch_size)
+                          PropagationResult, check_absent_slices, encoder_batch_size)
 from .training import (FewShotData, FewShotTrainer, StepReport, TrainingConfig, TrainingInputError, TrainingResult,
                        WarmStart, check_training_cases, merge_segments)
 from .host.adapter_metadata import case_record, file_sha256, lineage_record
@@ -153,6 +153,7 @@ class TrainCase:
     image: str
     labels: str
     slices: Optional[list[int]] = None
+    absent: dict[str, list[int]] = field(default_factory=dict)   # segment name -> slices marked without it
 
 
 @dataclass
@@ -170,9 +171,10 @@ class TrainJob:
     config: TrainingConfig = field(default_factory=TrainingConfig)
     cases: list[TrainCase] = field(default_factory=list)   # more volumes, segments matched by name
     init: Optional[str] = None   # a parent adapter to continue (same base model and method)
+    absent: dict[str, list[int]] = field(default_factory=dict)   # segment name -> slices marked without it
 
     def all_cases(self) -> list[TrainCase]:
-        first = [TrainCase(self.image, self.labels, self.slices)] if self.image is not None else []
+        first = [TrainCase(self.image, self.labels, self.slices, self.absent)] if self.image is not None else []
         return first + list(self.cases)
 
 
@@ -302,7 +304,7 @@ def _read_training_cases(job: TrainJob, cases: list[TrainCase], parent: Optional
         axes.append(axis)
         datas.append(FewShotData(volume.image, volume.labels, volume.geometry.spacing, segments,
                                  _case_intensity(job, parent, volume.image), axis, case.slices,
-                                 name=Path(case.image).name))
+                                 name=Path(case.image).name, absent=dict(case.absent)))
     if several:
         if job.segments:
             found = {s.name for d in datas for s in d.segments} | {str(s.label) for d in datas for s in d.segments}
@@ -329,6 +331,8 @@ def _train_locked(job: TrainJob, out: Path, on_step, should_stop, on_checkpoint,
     if job.slices is not None and len(cases) > 1:
         raise TrainingInputError("--slices applies to one volume; with several, give each volume's slices in the "
                                  "'slices' column of --cases")
+    if job.absent and len(cases) > 1:
+        raise TrainingInputError("--absent applies to one volume; train on several without it")
     parent = _parent_adapter(job) if job.init else None
     model_id = job.model_id or (parent.metadata.base_model if parent else "lite_medsam")
     get_spec(model_id)
@@ -431,6 +435,7 @@ class PropagateJob:
     resample_labels: bool = False
     match_by: str = "auto"   # how drawn segments meet the adapter's: auto, name or value (segment_matching)
     config: PropagationConfig = field(default_factory=PropagationConfig)
+    absent: dict[str, list[int]] = field(default_factory=dict)   # adapter segment name -> slices marked without it
 
 
 @dataclass
@@ -557,6 +562,7 @@ def _propagate_locked(job: PropagateJob, out: Path, loaded, on_progress, should_
     if job.config.slice_range is not None:
         check_slice_range(job.config.slice_range, pp.slice_count(image.shape, axis),
                           describe_axis(axis, metadata.plane), PropagationInputError)
+    check_absent_slices(job.absent, segments, axis, image.shape)   # names and slice numbers, before the model
     drawn, user_labels, labelled, kept = None, None, [], []
     if job.labels is not None:
         drawn, label_segments = read_labels_on_grid(job.labels, geometry, job.resample_labels, say)
@@ -580,7 +586,7 @@ def _propagate_locked(job: PropagateJob, out: Path, loaded, on_progress, should_
         loaded = load_adapter(job.adapter, weights=job.weights)
     adapted = AdaptedModel.from_file(loaded, segments)
     result = propagate(adapted, image, geometry.spacing, axis, job.config, user_labels, labelled, on_progress,
-                       should_stop)
+                       should_stop, job.absent)
     if not result.interrupted and should_stop is not None and should_stop():
         result.interrupted = True  # a stop during the last slices or the clean-up: still write nothing
     written = segments + [k.segment for k in kept]
