@@ -27,6 +27,7 @@ from slicer.util import VTKObservationMixin
 
 from SALTSegmentLib.host import choices, dependencies, run_folders
 from SALTSegmentLib.host.adapter_metadata import AdapterFileError, load_adapter_metadata
+from SALTSegmentLib.host.drawn_slices import describe_absent
 from SALTSegmentLib.host.panel_state import NODE_ROLES, PanelState
 from SALTSegmentLib.host.propagation_findings import PropagationFindings
 from SALTSegmentLib.host.process_tree import kill_tree, pid_alive
@@ -962,6 +963,16 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
         slices = slicer_bridge.drawn_slice_indices(segmentationNode, volumeNode, segmentIds, arrayAxis)
         return slices, volumeNode.GetImageData().GetDimensions()[2 - arrayAxis]
 
+    @staticmethod
+    def absentSlices(volumeNode, segmentationNode, segmentIds, arrayAxis):
+        """Segment name -> the slices the user emptied after a propagation, on the exported labels' grid (logged)."""
+        from SALTSegmentLib import slicer_bridge
+
+        absent = slicer_bridge.absent_slices_by_name(segmentationNode, volumeNode, segmentIds, arrayAxis)
+        for name, slices in absent.items():
+            logging.info(f"SALTSegment: {describe_absent(name, slices)}")
+        return absent
+
     # --- fine-tune ---
 
     def startTraining(self, volumeNode, segmentationNode, segmentIds, options, onProgress=None, onFinished=None):
@@ -985,13 +996,14 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
             if not exported.array.any():
                 raise ValueError("The selected segments have no drawn voxels on this slice axis: "
                                  "label a few slices first")
+            absent = self.absentSlices(volumeNode, segmentationNode, exported.segment_ids, arrayAxis)
             slicer_bridge.export_volume_file(volumeNode, image)
         adapter = os.path.join(folder, "adapter.safetensors")
         cliCommand = TrainCommand(image=image, labels=labels, out=adapter, method=options.get("method") or "salt",
                                   model=options.get("model"), weights=options.get("weights"),
                                   axis=plane, steps=options.get("steps"),
                                   device=options.get("device", "auto"), rank=options.get("rank"),
-                                  stop_file=os.path.join(folder, "stop"), init=parent or None)
+                                  stop_file=os.path.join(folder, "stop"), init=parent or None, absent=absent)
 
         def finished(outcome):
             path = outcome.outputs.get("adapter", adapter)
@@ -1073,7 +1085,7 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
         image, output = os.path.join(folder, "image.nrrd"), os.path.join(folder, "result.seg.nrrd")
         drawnIds = [i for i in (slicer_bridge.find_segment_id(segmentationNode, name)
                                 for name in metadata.segment_names) if i is not None]
-        labels, mode = None, options.get("mode", "box")
+        labels, mode, absent = None, options.get("mode", "box"), {}
         with self.removedOnError(folder):
             if drawnIds:
                 labels = os.path.join(folder, "labels.seg.nrrd")
@@ -1081,6 +1093,8 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
                                                                drawn_only_axis=arrayAxis)
                 if not exported.array.any():
                     labels = None
+                else:  # named as in the exported labels, on their grid, along the adapter's plane
+                    absent = self.absentSlices(volumeNode, segmentationNode, exported.segment_ids, arrayAxis)
             if mode != "auto" and labels is None:
                 raise ValueError(f"'{mode}' propagation starts from your drawn slices, but none of the adapter's "
                                  f"segments ({', '.join(metadata.segment_names)}) is drawn in this segmentation: "
@@ -1089,7 +1103,7 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
         first, last = options.get("first"), options.get("last")
         cliCommand = PropagateCommand(image=image, adapter=self.currentAdapter, out=output, labels=labels, mode=mode,
                                       first=first, last=last, device=options.get("device", "auto"),
-                                      stop_file=os.path.join(folder, "stop"))
+                                      stop_file=os.path.join(folder, "stop"), absent=absent)
         self.pendingResult = {"output": output, "folder": folder, "volumeNode": volumeNode,
                               "segmentationNode": segmentationNode, "replace": options.get("replace", True),
                               "axis": arrayAxis, "range": None if first is None else (first, last)}

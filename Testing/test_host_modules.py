@@ -10,8 +10,8 @@ import pytest
 from packaging.requirements import Requirement
 
 from SALTSegmentLib.host import choices, dependencies, run_folders
-from SALTSegmentLib.host.drawn_slices import (PredictionRecord, drawn_slices, grid_key, occupied_slices,
-                                              record_prediction, slice_checksum)
+from SALTSegmentLib.host.drawn_slices import (PredictionRecord, absent_slices, describe_absent, drawn_slices,
+                                              grid_key, occupied_slices, record_prediction, slice_checksum)
 from SALTSegmentLib.slices import put_back_slices
 from SALTSegmentLib.host.panel_state import PanelState
 from SALTSegmentLib.host.stop_request import StopRequest, request_stop
@@ -156,6 +156,49 @@ def test_drawn_slices_exempt_only_untouched_predictions():
     assert drawn_slices(mask, 1, record, key) == occupied_slices(mask, 1)        # other axis
     assert PredictionRecord.from_json(record.to_json()) == record
     assert PredictionRecord.from_json("{not json") is None and PredictionRecord.from_json("") is None
+
+
+def test_absent_slices_are_predicted_slices_the_user_emptied():
+    mask = np.zeros((8, 5, 5), np.uint8)
+    mask[1, 1:3, 1:3] = 1          # drawn
+    mask[2:6, 0:4, 0:4] = 1        # predicted on 2..5; slices 0, 6 and 7 were predicted empty
+    key = grid_key(mask.shape, np.eye(4))
+    record = record_prediction(mask, 0, written=[0, 2, 3, 4, 5, 6, 7], grid=key)   # all but the drawn one
+    assert absent_slices(mask, 0, record, key) == []       # nothing emptied yet
+    mask[5] = 0                    # the user erases the segment on predicted slice 5
+    mask[4, 0, 0] = 0              # and only corrects slice 4 (a correction, not an absence)
+    assert absent_slices(mask, 0, record, key) == [5]
+    assert drawn_slices(mask, 0, record, key) == [1, 4]
+    mask[1] = 0                    # a drawn slice emptied was never predicted: nothing to say about it
+    assert absent_slices(mask, 0, record, key) == [5]
+    assert absent_slices(mask, 0, None, key) == []                                   # no record: none
+    assert absent_slices(mask, 0, record, grid_key(mask.shape, 2 * np.eye(4))) == []  # another grid
+    assert absent_slices(mask, 1, record, key) == []                                 # another axis
+
+    # The import that keeps slice 5 empty records it as absent (its checksum is gone): it stays absent...
+    kept = record_prediction(mask, 0, written=[0, 2, 3, 6, 7], grid=key, absent=[5])
+    assert 5 not in kept.checksums and kept.absent == {5}
+    assert absent_slices(mask, 0, kept, key) == [5]
+    mask[5, 2, 2] = 1              # ...until the user draws there: then it is drawn, not absent
+    assert absent_slices(mask, 0, kept, key) == [] and 5 in drawn_slices(mask, 0, kept, key)
+
+    # Clearing every predicted slice is starting over: the old prediction's slices must not block a new drawing.
+    mask[:] = 0
+    mask[1, 1:3, 1:3] = 1          # drawn again
+    assert absent_slices(mask, 0, kept, key) == [] and absent_slices(mask, 0, record, key) == []
+
+
+def test_prediction_records_round_trip_and_old_records_have_nothing_absent():
+    record = PredictionRecord("grid", 1, {4: 123, 2: 7}, {9, 3})
+    text = record.to_json()
+    assert '"absent": [3, 9]' in text
+    assert PredictionRecord.from_json(text) == record
+    old = '{"grid": "grid", "axis": 1, "checksums": {"2": 7, "4": 123}}'   # written before "absent" existed
+    assert PredictionRecord.from_json(old) == PredictionRecord("grid", 1, {4: 123, 2: 7}, set())
+    assert PredictionRecord.from_json('{"grid": "g", "axis": 0, "checksums": {}, "absent": 5}') is None
+    assert describe_absent("Thalamus_L", [53, 52]) == \
+        "Thalamus_L: absent on slices 52, 53 (you emptied them after a propagation)"
+    assert describe_absent("Caudate_R", [18]) == "Caudate_R: absent on slice 18 (you emptied it after a propagation)"
 
 
 def test_checksums_tell_slices_apart_and_merge_keeps_slices():

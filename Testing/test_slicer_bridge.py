@@ -154,6 +154,58 @@ def test_replace_keeps_drawn_slices_and_other_segments(scene, axis_name):
     assert bridge.find_segment_id(segmentation, "liver") == ids[0]  # replaced, not added
 
 
+def _paint(segmentation, segment_id, matrix, shape, where, value: int) -> None:
+    """Set a segment's voxels at ``where`` to ``value`` as the Segment Editor would (paint 1, erase 0)."""
+    mask = bridge.segment_mask(segmentation, segment_id, shape, matrix)
+    mask[where] = value
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    image = bridge._oriented_image(mask, matrix)
+    assert logic.SetBinaryLabelmapToSegment(image, segmentation, segment_id, logic.MODE_REPLACE, image.GetExtent())
+
+
+def test_a_predicted_slice_the_user_emptied_stays_empty_until_drawn_on(scene):
+    geometry = GRIDS["axial"]
+    volume = _volume(scene, geometry)
+    matrix = bridge.volume_ijk_to_ras(volume)
+    shape = geometry.size[::-1]                     # 7 slices along array axis 0
+    drawn = np.zeros(shape, np.uint16)
+    drawn[1, 2:5, 2:5] = 1                          # liver drawn on slice 1
+    drawn[1, 6:8, 6:9] = 2                          # spleen too
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    liver, spleen = bridge.import_label_map(segmentation, drawn, matrix, SEGMENTS[:2])
+    predicted = np.zeros(shape, np.uint16)
+    predicted[1:6, 1:6, 1:6] = 1                    # Propagate: liver on 1..5 (1 is kept as drawn)
+    predicted[1:6, 6:8, 6:9] = 2
+    bridge.import_label_map(segmentation, predicted, matrix, SEGMENTS[:2], axis=0, mark_predicted=True)
+    assert bridge.segment_absent_slices(segmentation, liver, shape, matrix, 0) == []
+
+    # The liver does not reach slice 5: the user erases it there (and only there).
+    _paint(segmentation, liver, matrix, shape, 5, 0)
+    assert bridge.segment_absent_slices(segmentation, liver, shape, matrix, 0) == [5]
+    assert bridge.segment_drawn_slices(segmentation, liver, shape, matrix, 0)[1] == [1]   # emptied is not drawn
+    assert bridge.segment_absent_slices(segmentation, liver, shape, matrix, 1) == []     # another axis: unknown
+    assert bridge.absent_slices_by_name(segmentation, volume, [liver, spleen], 0) == {"liver": [5]}
+
+    # Propagate again: the new prediction runs to slice 6, but slice 5 stays empty and stays absent.
+    second = np.zeros(shape, np.uint16)
+    second[1:7, 2:6, 2:6] = 1
+    bridge.import_label_map(segmentation, second, matrix, SEGMENTS[:1], axis=0, mark_predicted=True)
+    mask = bridge.segment_mask(segmentation, liver, shape, matrix)
+    assert not mask[5].any()
+    assert np.array_equal(mask[6], second[6] == 1) and np.array_equal(mask[1], drawn[1] == 1)
+    assert bridge.prediction_record(segmentation, liver).absent == {5}
+    assert bridge.segment_absent_slices(segmentation, liver, shape, matrix, 0) == [5]
+
+    # The user draws the liver on slice 5 after all: it is drawing now, kept by the next import.
+    _paint(segmentation, liver, matrix, shape, (5, slice(3, 5), slice(3, 5)), 1)
+    assert bridge.segment_absent_slices(segmentation, liver, shape, matrix, 0) == []
+    assert bridge.segment_drawn_slices(segmentation, liver, shape, matrix, 0)[1] == [1, 5]
+    before = bridge.segment_mask(segmentation, liver, shape, matrix)[5].copy()
+    bridge.import_label_map(segmentation, second, matrix, SEGMENTS[:1], axis=0, mark_predicted=True)
+    assert np.array_equal(bridge.segment_mask(segmentation, liver, shape, matrix)[5], before)
+    assert bridge.prediction_record(segmentation, liver).absent == set()
+
+
 def test_new_segments_are_added_without_replace(scene):
     geometry = GRIDS["axial"]
     volume = _volume(scene, geometry)

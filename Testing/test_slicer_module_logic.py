@@ -167,6 +167,42 @@ def test_propagate_keeps_every_drawn_slice_and_undoes_in_one_step(module, thalam
         logic.undoPropagation()
 
 
+def test_a_predicted_slice_the_user_emptied_reaches_both_commands_as_absent(module, thalamus_crop, adapter, caplog):
+    """After a Propagate, the user erases the thalamus on slice 7 (it does not reach that far): Fine-tune and
+    Propagate both tell the worker, on the exported labels' axis and grid, and the Slicer log says so."""
+    volume, segmentation = _load(slicer.mrmlScene, thalamus_crop)
+    thalamus = bridge.segment_ids(segmentation)[0]
+    exported = bridge.segmentation_to_label_map(segmentation, volume)
+    predicted = np.zeros_like(exported.array)
+    predicted[:, 40:60, 50:70] = 1                  # a prediction on every slice (the drawn 2 and 6 are kept)
+    bridge.import_label_map(segmentation, predicted, exported.ijk_to_ras, exported.segments, axis=0,
+                            mark_predicted=True)
+    mask = bridge.segment_mask(segmentation, thalamus, predicted.shape, exported.ijk_to_ras)
+    mask[7] = 0                                      # the Segment Editor's eraser
+    image = bridge._oriented_image(mask, exported.ijk_to_ras)
+    logic_ = slicer.vtkSlicerSegmentationsModuleLogic
+    assert logic_.SetBinaryLabelmapToSegment(image, segmentation, thalamus, logic_.MODE_REPLACE, image.GetExtent())
+
+    logic = module.SALTSegmentLogic()
+    logic.currentAdapter = str(adapter)
+    with caplog.at_level("INFO"):
+        train = logic.startTraining(volume, segmentation, [thalamus], {"method": "lora", "device": "cpu",
+                                                                       "axis": "axial"})
+        propagate = logic.startPropagation(volume, segmentation, {"mode": "box", "device": "cpu"})
+    for command in (train.command, propagate.command):
+        assert command.count("--absent") == 1 and command[command.index("--absent") + 1] == "Thalamus_L=7"
+        labels, _, _ = read_label_map(command[command.index("--labels") + 1])
+        assert occupied_slices(labels, 0) == [2, 6]  # the untouched prediction is no label; slice 7 is empty
+    assert "SALTSegment: Thalamus_L: absent on slice 7 (you emptied it after a propagation)" in caplog.text
+    logic.discardPropagation()
+    logic.cleanup()
+
+    untouched = _load(slicer.mrmlScene, thalamus_crop)[1]   # never propagated: no slice is absent
+    command = logic.startPropagation(volume, untouched, {"mode": "box", "device": "cpu"}).command
+    assert not any(argument.startswith("--absent") for argument in command)
+    logic.discardPropagation()
+
+
 def test_box_propagation_without_drawing_is_refused_before_any_work(module, thalamus_crop, adapter):
     volume, _ = _load(slicer.mrmlScene, thalamus_crop)
     empty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")

@@ -63,6 +63,26 @@ def test_propagate_command():
     assert "--labels" not in plain and not any(a.startswith("--range") for a in plain)
 
 
+def test_slices_the_user_emptied_go_to_both_commands_as_absent():
+    """``--absent NAME=S1,S2`` per segment with slices, sorted, in the mapping's order; nothing when there are none."""
+    absent = {"Thalamus_L": [53, 52], "Caudate_R": [18], "Putamen=left": [7], "untouched": []}
+    expected = ["--absent", "Thalamus_L=52,53", "--absent", "Caudate_R=18", "--absent", "Putamen=left=7"]
+    train = wp.TrainCommand(image="i", labels="l", out="o", absent=absent).arguments()
+    propagate = wp.PropagateCommand(image="i", adapter="a", out="o", labels="l", absent=absent).arguments()
+    for args in (train, propagate):
+        assert [a for i, a in enumerate(args) if "--absent" in (a, args[i - 1])] == expected
+        assert args.count("--absent") == 3
+    assert propagate[propagate.index("--labels"):propagate.index("--mode")] == ["--labels", "l"] + expected
+    # a name argparse would take for an option is attached to the option
+    assert wp.PropagateCommand(image="i", adapter="a", out="o", absent={"-x": [3]}).arguments().count(
+        "--absent=-x=3") == 1
+    for args in (wp.TrainCommand(image="i", labels="l", out="o").arguments(),
+                 wp.PropagateCommand(image="i", adapter="a", out="o", absent={"empty": ()}).arguments()):
+        assert not any(a.startswith("--absent") for a in args)
+    with pytest.raises(ValueError):
+        wp.TrainCommand(image="i", labels="l", out="o", absent={"liver": [-1]}).arguments()
+
+
 @pytest.mark.parametrize("first,last", [(5, None), (9, 3), (-1, 4)])
 def test_propagate_rejects_bad_ranges(first, last):
     with pytest.raises(ValueError):

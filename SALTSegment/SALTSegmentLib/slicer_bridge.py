@@ -15,8 +15,9 @@ Conventions:
   only the user should decide.
 - Results are written on the segmentation's own grid (the one the Segment
   Editor draws on), so the voxels a user drew are never resampled, and each
-  segment keeps every slice of its current mask that holds drawing (see
-  :mod:`~SALTSegmentLib.host.drawn_slices`).
+  segment keeps every slice of its current mask that holds drawing, and
+  stays empty on every slice the user emptied after an earlier prediction
+  (see :mod:`~SALTSegmentLib.host.drawn_slices`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .host.drawn_slices import RECORD_TAG, PredictionRecord, drawn_slices, grid_key, record_prediction
+from .host.drawn_slices import (RECORD_TAG, PredictionRecord, absent_slices, drawn_slices, grid_key,
+                                record_prediction)
 from .label_layers import segment_mask as label_map_segment_mask, spatial_shape, stack_in_layers
 from .slices import (adapter_axis_in, array_axis, occupied_slices, put_back_slices, resolve_axis, voxel_axis,
                      voxel_axis_plane)
@@ -334,6 +336,13 @@ def segment_drawn_slices(segmentation_node, segment_id: str, shape: Sequence[int
     return mask, drawn_slices(mask, axis, prediction_record(segmentation_node, segment_id), grid_key(shape, ijk_to_ras))
 
 
+def segment_absent_slices(segmentation_node, segment_id: str, shape: Sequence[int], ijk_to_ras: np.ndarray,
+                          axis: int) -> list[int]:
+    """The slices along ``axis`` of a grid that the user emptied after a prediction (the segment is absent there)."""
+    mask = segment_mask(segmentation_node, segment_id, shape, ijk_to_ras)
+    return absent_slices(mask, axis, prediction_record(segmentation_node, segment_id), grid_key(shape, ijk_to_ras))
+
+
 def import_label_map(segmentation_node, label_map: np.ndarray, ijk_to_ras: np.ndarray,
                      segments: Sequence[Segment], *, replace: bool = True, axis: int = 0,
                      slice_range: tuple[int, int] | None = None, mark_predicted: bool = False) -> list[str]:
@@ -342,7 +351,10 @@ def import_label_map(segmentation_node, label_map: np.ndarray, ijk_to_ras: np.nd
     With ``replace``, a segment whose name already exists is replaced, except
     on every slice (along array ``axis`` of ``label_map``) that holds drawing
     in its current mask, and outside ``slice_range`` (inclusive): there it
-    keeps its voxels exactly. Otherwise a new segment is added. The writing
+    keeps its voxels exactly. It also stays empty on every slice the user
+    emptied after an earlier prediction (whatever ``label_map`` holds there),
+    and the new record lists those slices again, so the correction outlives
+    any number of imports. Otherwise a new segment is added. The writing
     happens on the segmentation's own grid, so kept voxels are never
     resampled. Other segments are never modified (overlaps go to a separate
     labelmap layer). All changes happen inside one StartModify/EndModify
@@ -378,13 +390,14 @@ def import_label_map(segmentation_node, label_map: np.ndarray, ijk_to_ras: np.nd
         for segment in segments:
             mask = resample_mask(label_map_segment_mask(label_map, segment), ijk_to_ras, shape, grid_matrix)
             segment_id = find_segment_id(segmentation_node, segment.name) if replace else None
-            predicted_slices = range(shape[grid_axis])
+            predicted_slices, absent = range(shape[grid_axis]), []
             if segment_id is None:
                 segment_id = segmentation.AddEmptySegment("", segment.name, list(segment.color))
             else:
                 current, drawn = segment_drawn_slices(segmentation_node, segment_id, shape, grid_matrix, grid_axis)
-                put_back_slices(mask, current, drawn, grid_axis)
-                kept = set(drawn)
+                absent = absent_slices(current, grid_axis, prediction_record(segmentation_node, segment_id), key)
+                put_back_slices(mask, current, drawn + absent, grid_axis)  # absent slices are empty in ``current``
+                kept = set(drawn) | set(absent)
                 if outside is not None:
                     mask = np.where(outside, current, mask).astype(np.uint8)
                     kept.update(occupied_slices(outside, grid_axis))
@@ -394,7 +407,7 @@ def import_label_map(segmentation_node, label_map: np.ndarray, ijk_to_ras: np.nd
                                                     logic.MODE_REPLACE, image.GetExtent()):
                 raise BridgeError(f"Could not write segment '{segment.name}'")
             if mark_predicted:
-                record = record_prediction(mask, grid_axis, predicted_slices, key)
+                record = record_prediction(mask, grid_axis, predicted_slices, key, absent=absent)
                 segmentation.GetSegment(segment_id).SetTag(RECORD_TAG, record.to_json())
             written.append(segment_id)
     finally:
@@ -465,6 +478,31 @@ def drawn_slice_indices(segmentation_node, reference_volume_node, selected_ids: 
         if segmentation_node.GetSegmentation().GetSegment(segment_id) is not None:
             found.update(segment_drawn_slices(segmentation_node, segment_id, (nz, ny, nx), ijk_to_ras, axis)[1])
     return sorted(found)
+
+
+def absent_slices_by_name(segmentation_node, reference_volume_node, selected_ids: Iterable[str], axis: int
+                          ) -> dict[str, list[int]]:
+    """Segment name -> the slices (along array ``axis`` of the volume) the user emptied after a prediction.
+
+    Only segments with such slices are listed, in ``selected_ids`` order;
+    the slices are on the volume's grid, as in the label map exported for
+    the worker. A name held by two segments keeps the first listed one's
+    slices (the worker knows segments by name only).
+    """
+    nx, ny, nz = reference_volume_node.GetImageData().GetDimensions()
+    ijk_to_ras = volume_ijk_to_ras(reference_volume_node)
+    segmentation = segmentation_node.GetSegmentation()
+    found: dict[str, list[int]] = {}
+    seen: set[str] = set()
+    for segment_id in selected_ids:
+        segment = segmentation.GetSegment(segment_id)
+        if segment is None or segment.GetName() in seen:
+            continue
+        seen.add(segment.GetName())
+        slices = segment_absent_slices(segmentation_node, segment_id, (nz, ny, nx), ijk_to_ras, axis)
+        if slices:
+            found[segment.GetName()] = slices
+    return found
 
 
 # --- undo and the panel's parameters -----------------------------------------------------

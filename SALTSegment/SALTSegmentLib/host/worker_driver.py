@@ -39,6 +39,24 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"Unknown {name} {value!r}; use one of {', '.join(choices)}")
 
 
+def _absent_options(absent: Mapping[str, Sequence[int]]) -> list[str]:
+    """``--absent NAME=S1,S2`` per segment with slices the user emptied (sorted), in the mapping's order.
+
+    A value that starts with "-" is attached (``--absent=-x=3``): given
+    separately, argparse would take it for an option.
+    """
+    options = []
+    for name, slices in absent.items():
+        numbers = sorted({int(i) for i in slices})
+        if not numbers:
+            continue
+        if numbers[0] < 0:
+            raise ValueError(f"Invalid absent slice {numbers[0]} for segment {name!r}")
+        value = f"{name}={','.join(map(str, numbers))}"
+        options += [f"--absent={value}"] if value.startswith("-") else ["--absent", value]
+    return options
+
+
 @dataclass
 class TrainCommand:
     """``saltsegment train``: fine-tune an adapter on the labelled slices of one volume.
@@ -46,6 +64,9 @@ class TrainCommand:
     With ``init`` (an adapter file) it continues that adapter: the CLI takes
     the parent's base model, method, rank and plane, so those choices are
     left out of the command rather than risk a refusal for a panel setting.
+    ``absent`` (segment name -> slices of the labels, along the training
+    plane) are slices the user emptied after a propagation: the segment is
+    not there, which the labels alone cannot say.
     """
 
     image: str
@@ -62,6 +83,7 @@ class TrainCommand:
     rank: str | None = None     # a rank preset name; None keeps the method's default
     stop_file: str | None = None
     init: str | None = None     # an adapter to continue
+    absent: Mapping[str, Sequence[int]] = field(default_factory=dict)  # segment name -> slices the user emptied
 
     def arguments(self) -> list[str]:
         _check_choice("method", self.method, METHODS)
@@ -77,6 +99,7 @@ class TrainCommand:
                 + _option("--weights", self.weights)
                 + (["--segments", ",".join(self.segments)] if self.segments else [])
                 + (["--slices", ",".join(str(int(i)) for i in self.slices)] if self.slices else [])
+                + _absent_options(self.absent)
                 + ([] if inherited else ["--axis", self.axis]) + _option("--steps", self.steps)
                 + ([] if inherited else _option("--rank", self.rank))
                 + ["--device", self.device] + _option("--stop-file", self.stop_file) + ["--progress", "json"])
@@ -84,7 +107,11 @@ class TrainCommand:
 
 @dataclass
 class PropagateCommand:
-    """``saltsegment propagate``: segment every slice (or ``first``..``last``) with an adapter."""
+    """``saltsegment propagate``: segment every slice (or ``first``..``last``) with an adapter.
+
+    ``absent`` (segment name -> slices along the adapter's plane) are slices
+    the user emptied after an earlier propagation: the walk ends there.
+    """
 
     image: str
     adapter: str
@@ -95,6 +122,7 @@ class PropagateCommand:
     last: int | None = None
     device: str = "auto"
     stop_file: str | None = None
+    absent: Mapping[str, Sequence[int]] = field(default_factory=dict)  # segment name -> slices the user emptied
 
     def arguments(self) -> list[str]:
         _check_choice("mode", self.mode, PROPAGATION_MODES)
@@ -107,7 +135,7 @@ class PropagateCommand:
                 raise ValueError(f"Invalid slice range {self.first}:{self.last}")
             slice_range = f"{int(self.first)}:{int(self.last)}"
         return (["propagate", "--image", str(self.image), "--adapter", str(self.adapter), "--out", str(self.out)]
-                + _option("--labels", self.labels) + ["--mode", self.mode]
+                + _option("--labels", self.labels) + _absent_options(self.absent) + ["--mode", self.mode]
                 + ([f"--range={slice_range}"] if slice_range else [])
                 + ["--device", self.device] + _option("--stop-file", self.stop_file) + ["--progress", "json"])
 
