@@ -144,7 +144,8 @@ def suggest_next_slices(segments: Sequence[Segment], user_labels: np.ndarray, la
             if end.reason in HARD_ENDS or end.slice in labelled_set:
                 continue
             candidates.append((end.beyond_drawn + 1.0, end.slice,
-                               f"the walk past slice {outermost} ended here because {end.reason}"))
+                               f"the walk past slice {outermost} ended here because {end.reason}; if it is not "
+                               "there, mark it absent on this slice"))
         candidates = [c for c in candidates if c[1] not in labelled_set]
         if candidates:
             _, index, reason = max(candidates, key=lambda c: c[0])
