@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 # Two workers, one test file each at a time (module fixtures stay per file); see Testing/conftest.py.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile Testing
+	$(PY) -m pytest -n 2 --dist loadfile --durations=20 Testing
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
