@@ -38,7 +38,7 @@ print(usage.ru_maxrss, os.waitstatus_to_exitcode(status), file=sys.stderr)
 
 def _peak_and_estimate(*args: str) -> tuple[float, float]:
     """Run one CLI command; (peak RSS in MiB, the MiB its result event estimated)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SALTSEGMENT_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SALTSEGMENT_", "MALLOC_"))}  # as users run it
     env["OMP_NUM_THREADS"] = "2"
     completed = subprocess.run([sys.executable, "-c", _MEASURE, sys.executable, "-m", "SALTSegmentLib.cli", *args,
                                 "--progress", "json"], capture_output=True, text=True, env=env, timeout=900)
