@@ -8,6 +8,7 @@ images in seconds rather than the quality of a fine-tuned model.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 
 import numpy as np
@@ -51,10 +52,31 @@ def prompts(lite_medsam, crop):
     return tokens
 
 
-def _propagator(lite_medsam, prompts, crop, **settings):
+class _EncodedOnce(VolumePropagator):
+    """A propagator that encodes each distinct slice once for the whole module, with the real model.
+
+    The tests here walk the same 18 slices again and again with other rules; the encoder is what costs
+    (seconds a slice on a 2-core CPU) and its output depends only on the slice's pixels. Keyed by those
+    pixels, so a test on other pixels gets its own encoding.
+    """
+
+    encoded: dict[tuple[bytes, tuple[int, int]], torch.Tensor] = {}
+
+    def embed(self, volume01: np.ndarray, indices: list[int], geometry: pp.SliceGeometry) -> torch.Tensor:
+        keys = [(hashlib.sha256(np.ascontiguousarray(pp.take_slice(volume01, self.axis, i)).tobytes()).digest(),
+                 tuple(geometry.resized_shape)) for i in indices]
+        missing = [(i, key) for i, key in zip(indices, keys) if key not in self.encoded]
+        if missing:
+            fresh = super().embed(volume01, [i for i, _ in missing], geometry)
+            self.encoded.update({key: embedding for (_, key), embedding in zip(missing, fresh)})
+        return torch.stack([self.encoded[key] for key in keys])
+
+
+def _propagator(lite_medsam, prompts, crop, encoded_once: bool = True, **settings):
     image, _, _, _, segments = crop
     config = replace(PropagationConfig(mode="box"), **settings)
-    return VolumePropagator(lite_medsam, prompts, segments, pp.parse_intensity("auto", image), "k", config)
+    kind = _EncodedOnce if encoded_once else VolumePropagator
+    return kind(lite_medsam, prompts, segments, pp.parse_intensity("auto", image), "k", config)
 
 
 def _dice(a, b):
@@ -198,7 +220,7 @@ def test_one_drawn_slice_reaches_as_far_as_the_adapters_training_cases_drew_the_
     caudate = next(s for s in segments if s.name == "Caudate_L")
     radius = float(np.sqrt((one == caudate.label).sum() * spacing[0] * spacing[1] / np.pi))
     long_caudate = {"Caudate_L": DrawnLength(span_mm=8 * radius, gap_mm=0.0, radius_mm=radius)}   # 4 radii each way
-    knowing = VolumePropagator(lite_medsam, prompts, segments, pp.parse_intensity("auto", image), "k",
+    knowing = _EncodedOnce(lite_medsam, prompts, segments, pp.parse_intensity("auto", image), "k",
                                plain.config, lengths=[long_caudate])
     with_length = knowing.run(image, spacing, one, [DRAWN[1]])
     before = next(e for e in without.extents if e.name == "Caudate_L")
@@ -230,7 +252,7 @@ def test_an_adapter_trained_on_this_drawing_walks_as_if_it_knew_no_length(lite_m
     longer = [{name: DrawnLength(2 * length.span_mm, length.gap_mm, length.radius_mm)
                for name, length in own[0].items()}]
     only_emptiness = ExtentRule(min_similarity=0.0, min_area_ratio=0.0)
-    runs = [VolumePropagator(lite_medsam, prompts, segments, pp.parse_intensity("auto", image), "k",
+    runs = [_EncodedOnce(lite_medsam, prompts, segments, pp.parse_intensity("auto", image), "k",
                              PropagationConfig(mode="box", extent=only_emptiness, estimate=False),
                              lengths=lengths).run(image, spacing, drawn, middle)
             for lengths in ([], own, longer)]
@@ -394,6 +416,7 @@ def test_encoder_batch_is_one_slice_on_the_cpu_and_changes_the_time_not_the_resu
     assert _propagator(lite_medsam, prompts, crop).batch_size == 1
     assert encoder_batch_size(None, on_accelerator=True) == 4 and encoder_batch_size(3, on_accelerator=False) == 3
     image, spacing, _, drawn, _ = crop
-    batched = _propagator(lite_medsam, prompts, crop, batch_size=4, estimate=False).run(image, spacing, drawn, DRAWN)
+    batched = _propagator(lite_medsam, prompts, crop, encoded_once=False, batch_size=4, estimate=False).run(
+        image, spacing, drawn, DRAWN)
     np.testing.assert_array_equal(batched.labels, box_result.labels)
     assert [e.to_dict() for e in batched.extents] == [e.to_dict() for e in box_result.extents]
