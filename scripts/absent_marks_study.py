@@ -29,7 +29,7 @@ import numpy as np
 from SALTSegmentLib import preprocessing as pp
 from SALTSegmentLib.array_jobs import fine_tune, propagate
 from SALTSegmentLib.bench.cases import development_cases, sample_case
-from SALTSegmentLib.bench.quality import true_extent, unlabelled_dice
+from SALTSegmentLib.bench.quality import extent_errors, true_extent, unlabelled_dice
 from SALTSegmentLib.interpolation import fill_between_slices
 from SALTSegmentLib.models import load_model
 from SALTSegmentLib.propagation import PropagationConfig
@@ -49,18 +49,6 @@ def overshoot_marks(case, extents) -> dict[str, list[int]]:
         if slices:
             marks[segment.name] = slices
     return marks
-
-
-def ends_within(case, extents, tolerance: int = 2) -> tuple[int, int]:
-    by_name = {e.name: e for e in extents}
-    within = total = 0
-    for segment in case.segments:
-        if segment.name in by_name:
-            first, last = true_extent(case, segment)
-            extent = by_name[segment.name]
-            within += (abs(extent.first.slice - first) <= tolerance) + (abs(extent.last.slice - last) <= tolerance)
-            total += 2
-    return within, total
 
 
 def main() -> None:
@@ -99,7 +87,7 @@ def main() -> None:
             row = {"case": case.name, "count": count, "fill": fill, "marks": marks}
             for name, result in results.items():
                 scores = unlabelled_dice(result.labels, case, labelled)
-                within, total = ends_within(case, result.extents)
+                within, total, _ = extent_errors(case, result.extents)
                 below = [s for s in scores if scores[s] < fill[s] - 0.02]
                 row[name] = {"dice": scores, "within": within, "total": total}
                 line.append(f"{name} {np.mean(list(scores.values())):.3f} ends {within}/{total} "

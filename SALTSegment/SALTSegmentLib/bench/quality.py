@@ -158,7 +158,8 @@ def _propagate(adapted: AdaptedModel, case: BenchCase, drawn: np.ndarray, labell
     return propagate(adapted, case.image, case.geometry.spacing, case.axis, config, drawn, labelled)
 
 
-def _extent_errors(case: BenchCase, extents) -> tuple[int, int, list[dict]]:
+def extent_errors(case: BenchCase, extents) -> tuple[int, int, list[dict]]:
+    """(ends within 2 slices of the true ones, ends counted, one row per segment with its errors in slices)."""
     by_name = {e.name: e for e in extents}
     within, total, rows = 0, 0, []
     for segment in case.segments:
@@ -216,7 +217,7 @@ def bench_case(case: BenchCase, counts: Sequence[int], methods: Sequence[str], s
                 start = time.perf_counter()
                 result = _propagate(adapted, case, drawn, labelled, config)
                 propagate_s = time.perf_counter() - start
-                within, total, extents = _extent_errors(case, result.extents)
+                within, total, extents = extent_errors(case, result.extents)
                 run = QualityRun(case.name, protocol, count, labelled, method, seed,
                                  unlabelled_dice(result.labels, case, labelled), fill, within, total, extents,
                                  result.estimate.to_dict() if result.estimate else None,
