@@ -72,11 +72,11 @@ class _EncodedOnce(VolumePropagator):
         return torch.stack([self.encoded[key] for key in keys])
 
 
-def _propagator(lite_medsam, prompts, crop, encoded_once: bool = True, **settings):
+def _propagator(lite_medsam, prompts, crop, encoded_once: bool = True, lengths=(), **settings):
     image, _, _, _, segments = crop
     config = replace(PropagationConfig(mode="box"), **settings)
     kind = _EncodedOnce if encoded_once else VolumePropagator
-    return kind(lite_medsam, prompts, segments, pp.parse_intensity("auto", image), "k", config)
+    return kind(lite_medsam, prompts, segments, pp.parse_intensity("auto", image), "k", config, lengths=lengths)
 
 
 def _dice(a, b):
@@ -220,8 +220,7 @@ def test_one_drawn_slice_reaches_as_far_as_the_adapters_training_cases_drew_the_
     caudate = next(s for s in segments if s.name == "Caudate_L")
     radius = float(np.sqrt((one == caudate.label).sum() * spacing[0] * spacing[1] / np.pi))
     long_caudate = {"Caudate_L": DrawnLength(span_mm=8 * radius, gap_mm=0.0, radius_mm=radius)}   # 4 radii each way
-    knowing = _EncodedOnce(lite_medsam, prompts, segments, pp.parse_intensity("auto", image), "k",
-                               plain.config, lengths=[long_caudate])
+    knowing = _propagator(lite_medsam, prompts, crop, lengths=[long_caudate], extent=only_emptiness, estimate=False)
     with_length = knowing.run(image, spacing, one, [DRAWN[1]])
     before = next(e for e in without.extents if e.name == "Caudate_L")
     after = next(e for e in with_length.extents if e.name == "Caudate_L")
@@ -252,9 +251,8 @@ def test_an_adapter_trained_on_this_drawing_walks_as_if_it_knew_no_length(lite_m
     longer = [{name: DrawnLength(2 * length.span_mm, length.gap_mm, length.radius_mm)
                for name, length in own[0].items()}]
     only_emptiness = ExtentRule(min_similarity=0.0, min_area_ratio=0.0)
-    runs = [_EncodedOnce(lite_medsam, prompts, segments, pp.parse_intensity("auto", image), "k",
-                             PropagationConfig(mode="box", extent=only_emptiness, estimate=False),
-                             lengths=lengths).run(image, spacing, drawn, middle)
+    runs = [_propagator(lite_medsam, prompts, crop, lengths=lengths, extent=only_emptiness, estimate=False).run(
+                image, spacing, drawn, middle)
             for lengths in ([], own, longer)]
     plain, trained_here, other_patient = ([e.to_dict() for e in r.extents] for r in runs)
     assert trained_here == plain
