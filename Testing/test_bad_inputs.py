@@ -431,7 +431,8 @@ def test_debug_shows_the_traceback(inputs, capsys, restore_signals):
     (["train", "--image", "i", "--labels", "l", "--out", "o", "--slices", "1,x"], "comma-separated slice numbers"),
     (["propagate", "--image", "i", "--adapter", "a", "--out", "o", "--absent", "52"], "expected NAME=SLICES"),
     (["train", "--image", "i", "--labels", "l", "--out", "o", "--absent", "Thalamus_L=x"],
-     "comma-separated slice numbers"),
+     "expected whole slice numbers"),
+    (["train", "--image", "i", "--labels", "l", "--out", "o", "--absent", "Thalamus_L="], "expected NAME=SLICES"),
 ])
 def test_usage_errors_exit_2(argv, message, capsys):
     from SALTSegmentLib.cli import build_parser
@@ -439,6 +440,26 @@ def test_usage_errors_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as raised:
         build_parser().parse_args(argv)
     assert raised.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--image", "a.nrrd", "--labels", "a.seg.nrrd", "--image", "b.nrrd", "--labels", "b.seg.nrrd",
+      "--absent", "Thalamus_L=3"], r"--absent applies to one volume; with several, put each volume's marks in the "
+                                   r"'absent' column of --cases"),
+    (["train", "--image", "a.nrrd", "--labels", "a.seg.nrrd", "--image", "b.nrrd", "--labels", "b.seg.nrrd",
+      "--slices", "3"], r"--slices applies to one volume"),
+    (["propagate", "--cases", "{cases}", "--adapter", "x.safetensors", "--absent", "Thalamus_L=3"],
+     r"--absent applies to one volume; with --cases, put each volume's marks in the 'absent' column"),
+])
+def test_options_for_one_volume_are_refused_with_several(argv, message, tmp_path, capsys, restore_signals):
+    """Before anything is read: the user is told where each volume's slices and marks go."""
+    from SALTSegmentLib import cli
+
+    cases = tmp_path / "cases.csv"
+    cases.write_text("image\na.nrrd\n")
+    argv = [arg.replace("{cases}", str(cases)) for arg in argv] + ["--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    assert re.search(r"error: " + message, capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("name", ["some_nan", "uint32_huge", "int64_huge"])

@@ -171,3 +171,37 @@ def test_one_drawn_slice_on_a_new_patient_continues_the_site_adapter_and_propaga
     thalamus = next(s.label for s in segments if s.name == "Thalamus_L")
     assert np.array_equal(result[4] == thalamus, drawn[4] == 1)                 # the drawn slice is kept exactly
     assert sum(bool((result[k] == thalamus).any()) for k in (3, 5)) == 2        # and its neighbours are segmented
+
+
+def test_case_lists_carry_each_volumes_slices_and_absent_marks_to_train_and_propagate(site, site_adapter, tmp_path):
+    """The ``slices`` and ``absent`` columns, per volume: recorded by ``train``, kept empty by ``propagate``."""
+    cases = tmp_path / "train.csv"
+    with open(cases, "w", newline="") as handle:
+        csv.writer(handle).writerows([["image", "labels", "slices", "absent"],
+                                      [site["a"].image, site["a"].labels, "3", ""],
+                                      [site["b"].image, site["b"].labels, "2 5", "Thalamus_L=0,7; Caudate_L=7"]])
+    adapter = tmp_path / "marked.safetensors"
+    trained = subprocess.run(_cli("train", "--cases", str(cases), "--steps", "1", "--out", str(adapter),
+                                  "--progress", "json"), capture_output=True, text=True, timeout=600)
+    assert trained.returncode == EXIT_OK, trained.stderr[-2000:]
+    records = load_adapter_metadata(adapter).cases
+    assert [case["labelled_slices"] for case in records] == [[3], [2, 5]]
+    assert [case["absent"] for case in records] == [{}, {"Thalamus_L": [0, 7], "Caudate_L": [7]}]
+
+    volumes, folder = tmp_path / "propagate.csv", tmp_path / "segs"
+    with open(volumes, "w", newline="") as handle:       # the same volume twice: without and with a mark
+        csv.writer(handle).writerows([["image", "labels", "name", "absent"],
+                                      [site["d"].image, site["d"].labels, "unmarked", ""],
+                                      [site["d"].image, site["d"].labels, "marked", "Thalamus_L=6"]])
+    propagated = subprocess.run(_cli("propagate", "--cases", str(volumes), "--adapter", str(site_adapter),
+                                     "--out", str(folder), "--progress", "json"),
+                                capture_output=True, text=True, timeout=600)
+    assert propagated.returncode == EXIT_OK, propagated.stderr[-2000:]
+    thalamus = {}
+    for name in ("unmarked", "marked"):
+        result, _, segments = read_label_map(folder / f"{name}.seg.nrrd")
+        label = next(s.label for s in segments if s.name == "Thalamus_L")
+        thalamus[name] = [bool((result[k] == label).any()) for k in range(result.shape[0])]
+    assert thalamus["unmarked"][6]                                   # the walk reaches slice 6 unless told...
+    assert not thalamus["marked"][6] and thalamus["marked"][4]       # ...and a mark keeps it empty
+    assert thalamus["marked"][:6] == thalamus["unmarked"][:6]        # nothing changes before it

@@ -190,7 +190,7 @@ def run_batch_propagation(job: BatchJob, distributed: Optional["Distributed"] = 
         mode = job.config.mode if job.mode_given else ("box" if entry.labels else "auto")
         volume_job = PropagateJob(image=entry.image, adapter=job.adapter, out=str(output), labels=entry.labels,
                                   weights=job.weights, resample_labels=job.resample_labels, match_by=job.match_by,
-                                  config=replace(job.config, mode=mode))
+                                  config=replace(job.config, mode=mode), absent=entry.absent)
         began = time.perf_counter()
         try:
             outcome = run_propagation(volume_job, loaded, should_stop=should_stop)

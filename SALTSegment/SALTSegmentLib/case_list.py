@@ -8,7 +8,11 @@ One volume per line, with a header naming the columns:
 - ``slices``: ``train`` only: the labelled slices, separated by spaces or
   semicolons (default: every slice where a selected segment has voxels);
 - ``name``: ``propagate`` only: the output's name in the output folder
-  (default: the image file's name without its extension).
+  (default: the image file's name without its extension);
+- ``absent``: slices checked and found without a segment, as ``NAME=SLICES``
+  marks separated by ``;`` (``Thalamus_L=52 53; Caudate_R=18``): ``train``
+  learns that the segment is not there, ``propagate`` keeps those slices
+  empty and stops box mode's walks before them (``--absent``, per volume).
 
 Relative paths are relative to the CSV file's folder. Blank lines and lines
 starting with ``#`` are skipped. Torch-free, so Slicer's process may read it.
@@ -19,11 +23,13 @@ from __future__ import annotations
 import csv
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-COLUMNS = ("image", "labels", "slices", "name")
+from .absent_marks import AbsentMarkError, Marks, parse_marks
+
+COLUMNS = ("image", "labels", "slices", "name", "absent")
 _VOLUME_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".dcm")
 
 
@@ -40,6 +46,7 @@ class CaseEntry:
     slices: Optional[list[int]] = None
     name: str = ""
     line: int = 0
+    absent: Marks = field(default_factory=dict)   # segment name -> slices marked without it
 
 
 def volume_stem(path: str | os.PathLike) -> str:
@@ -60,6 +67,13 @@ def _slices(text: str, where: str) -> Optional[list[int]]:
     except ValueError:
         raise CaseListError(f"{where}: slices must be whole numbers separated by spaces or ';', "
                             f"got '{text}'") from None
+
+
+def _absent(text: str, where: str) -> Marks:
+    try:
+        return parse_marks(text)
+    except AbsentMarkError as error:
+        raise CaseListError(f"{where}: absent: {error} (marks are separated by ';')") from None
 
 
 def read_case_list(path: str | os.PathLike, labels_required: bool = False) -> list[CaseEntry]:
@@ -97,7 +111,8 @@ def read_case_list(path: str | os.PathLike, labels_required: bool = False) -> li
         image = str(path.parent / values["image"])
         labels = str(path.parent / values["labels"]) if values.get("labels") else None
         entries.append(CaseEntry(image, labels, _slices(values.get("slices", ""), where),
-                                 values.get("name") or volume_stem(image), number))
+                                 values.get("name") or volume_stem(image), number,
+                                 _absent(values.get("absent", ""), where)))
     if not entries:
         raise CaseListError(f"{path} lists no volume under its header")
     return entries

@@ -47,22 +47,23 @@ def _int_list(text: str) -> list[int]:
 
 def _absent_mark(text: str) -> tuple[str, list[int]]:
     """``NAME=S1,S2`` -> (NAME, [S1, S2]); split at the last ``=``, so a name may hold one."""
-    name, sep, slices = text.rpartition("=")
-    if not sep or not name.strip():
-        raise argparse.ArgumentTypeError(f"expected NAME=SLICES (e.g. Thalamus_L=52,53), got '{text}'")
-    return name.strip(), _int_list(slices)
+    from .absent_marks import AbsentMarkError, parse_mark
+
+    try:
+        return parse_mark(text)
+    except AbsentMarkError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _absent_marks(marks: Optional[Sequence[tuple[str, list[int]]]]) -> dict[str, list[int]]:
     """Repeated ``--absent`` options as one mapping (a name given twice gets both lists)."""
-    merged: dict[str, list[int]] = {}
-    for name, slices in marks or ():
-        merged[name] = sorted(set(merged.get(name, [])) | set(slices))
-    return merged
+    from .absent_marks import merge_marks
+
+    return merge_marks(marks or ())
 
 
 _ABSENT_HELP = ("NAME=SLICES: slices you checked and found without segment NAME, numbered along the slice plane; "
-                "{what}; repeat per segment")
+                "{what}; repeat per segment (with --cases: each volume's in its 'absent' column)")
 
 
 def _protocol_list(text: str) -> list[str]:
@@ -167,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="volume: NIfTI, NRRD, MHA or a DICOM series folder; repeat with --labels for more volumes")
     train.add_argument("--labels", action="append", help="label map or Slicer .seg.nrrd on the image grid")
     train.add_argument("--cases", metavar="CSV",
-                       help="more volumes: a CSV file with a header (image,labels[,slices]), one volume per line")
+                       help="more volumes: a CSV file with a header (image,labels[,slices][,absent]), one volume per "
+                            "line (absent: marks such as 'Thalamus_L=52 53; Caudate_R=18')")
     train.add_argument("--init", metavar="ADAPTER",
                        help="continue this adapter (same base model and method): new volumes, new segments")
     train.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
@@ -200,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     propagate = commands.add_parser("propagate", help="segment a volume (or many) with an adapter")
     propagate.add_argument("--image")
     propagate.add_argument("--cases", metavar="CSV",
-                           help="many volumes: a CSV file with a header (image[,labels][,name]); --out is then a "
+                           help="many volumes: a CSV file with a header (image[,labels][,name][,absent]); --out is then a "
                                 "folder, and volumes whose output is complete are skipped (resume)")
     propagate.add_argument("--adapter", required=True)
     propagate.add_argument("--out", required=True,
@@ -307,12 +309,18 @@ def _train_cases(args):
         raise UsageError("give --image and --labels, or --cases FILE")
     cases = [TrainCase(image, label) for image, label in zip(images, labels)]
     if args.cases:
-        cases += [TrainCase(e.image, e.labels, e.slices) for e in read_case_list(args.cases, labels_required=True)]
+        cases += [TrainCase(e.image, e.labels, e.slices, e.absent)
+                  for e in read_case_list(args.cases, labels_required=True)]
     if args.slices is not None and len(cases) > 1:
         raise UsageError("--slices applies to one volume; with several, put each volume's slices in the "
                          "'slices' column of --cases")
     if args.absent and len(cases) > 1:
-        raise UsageError("--absent applies to one volume; train on several without it")
+        raise UsageError("--absent applies to one volume; with several, put each volume's marks in the "
+                         "'absent' column of --cases (e.g. 'Thalamus_L=52 53; Caudate_R=18')")
+    if args.slices:
+        cases[0].slices = args.slices
+    if args.absent:   # one volume: the options' marks join its line's
+        cases[0].absent = _absent_marks([*cases[0].absent.items(), *args.absent])
     return cases
 
 
@@ -335,10 +343,10 @@ def _train(args, reporter, stop: StopRequest, distributed=None) -> int:
         config = replace(config, learning_rate=args.learning_rate)
     if args.batch_size is not None:
         config = replace(config, batch_size=args.batch_size)
-    job = TrainJob(image=cases[0].image, labels=cases[0].labels, out=args.out, model_id=args.model,
-                   weights=args.weights, segments=args.segments, slices=args.slices or cases[0].slices,
-                   axis=args.axis, intensity=args.intensity, resample_labels=args.resample_labels, config=config,
-                   cases=cases[1:], init=args.init, absent=_absent_marks(args.absent))
+    # Every volume, the first included, is a case with its own slices and marks (a case list's first line too).
+    job = TrainJob(image=None, labels=None, out=args.out, model_id=args.model, weights=args.weights,
+                   segments=args.segments, axis=args.axis, intensity=args.intensity,
+                   resample_labels=args.resample_labels, config=config, cases=cases, init=args.init)
     # The progress bar starts once the inputs are checked, so a bad input prints only its error line.
     outcome = run_training(job, on_step=reporter.train_step, should_stop=stop,
                            on_checkpoint=reporter.checkpoint, on_message=reporter.message,
@@ -362,7 +370,8 @@ def _propagate(args, reporter, stop: StopRequest, distributed=None) -> int:
 
     if args.cases:
         if args.absent:
-            raise UsageError("--absent applies to one volume; give --image, not --cases")
+            raise UsageError("--absent applies to one volume; with --cases, put each volume's marks in the "
+                             "'absent' column of the CSV file (e.g. 'Thalamus_L=52 53; Caudate_R=18')")
         return _propagate_cases(args, reporter, stop, distributed)
     if not args.image:
         raise UsageError("give --image (one volume) or --cases FILE (many)")

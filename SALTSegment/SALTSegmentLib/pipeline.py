@@ -171,7 +171,7 @@ class TrainJob:
     config: TrainingConfig = field(default_factory=TrainingConfig)
     cases: list[TrainCase] = field(default_factory=list)   # more volumes, segments matched by name
     init: Optional[str] = None   # a parent adapter to continue (same base model and method)
-    absent: dict[str, list[int]] = field(default_factory=dict)   # segment name -> slices marked without it
+    absent: dict[str, list[int]] = field(default_factory=dict)   # ``image``'s marks (each case has its own)
 
     def all_cases(self) -> list[TrainCase]:
         first = [TrainCase(self.image, self.labels, self.slices, self.absent)] if self.image is not None else []
@@ -331,8 +331,6 @@ def _train_locked(job: TrainJob, out: Path, on_step, should_stop, on_checkpoint,
     if job.slices is not None and len(cases) > 1:
         raise TrainingInputError("--slices applies to one volume; with several, give each volume's slices in the "
                                  "'slices' column of --cases")
-    if job.absent and len(cases) > 1:
-        raise TrainingInputError("--absent applies to one volume; train on several without it")
     parent = _parent_adapter(job) if job.init else None
     model_id = job.model_id or (parent.metadata.base_model if parent else "lite_medsam")
     get_spec(model_id)
@@ -414,14 +412,15 @@ def _train_locked(job: TrainJob, out: Path, on_step, should_stop, on_checkpoint,
 
 def _case_records(cases: list[TrainCase], datas: list[FewShotData], case_slices: list[list[int]],
                   parent: Optional[_Parent]) -> list[dict]:
-    """The parent's cases, then this run's: file name, sha256 of the image, labelled slices, segments."""
+    """The parent's cases, then this run's: file name, sha256 of the image, labelled slices, segments, marks."""
     generation = parent.metadata.generation + 1 if parent else 0
     records = list(parent.metadata.cases) if parent else []
     for case, data, slices in zip(cases, datas, case_slices):
         stack = np.stack([pp.take_slice(data.labels, data.axis, s) for s in slices])
         held = [s.name for s in data.segments if (stack == s.label).any()]
         lengths = lengths_to_record(drawn_lengths(data.labels, data.segments, data.axis, slices, data.spacing))
-        records.append(case_record(Path(case.image).name, file_sha256(case.image), slices, held, generation, lengths))
+        records.append(case_record(Path(case.image).name, file_sha256(case.image), slices, held, generation, lengths,
+                                   data.absent))
     return records
 
 

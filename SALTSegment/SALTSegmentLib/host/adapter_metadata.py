@@ -108,15 +108,19 @@ class AdapterMetadata:
 
 
 def case_record(name: str, sha256: str, labelled_slices: list[int], segments: list[str],
-                generation: int = 0, lengths: Optional[dict[str, dict]] = None) -> dict:
+                generation: int = 0, lengths: Optional[dict[str, dict]] = None,
+                absent: Optional[dict[str, list[int]]] = None) -> dict:
     """A volume an adapter learned from: its file name, the sha256 of the image, the slices and segments used.
 
     ``generation`` is the lineage generation of the adapter that added it;
     ``lengths`` how long each segment was drawn (``structure_length``), which
-    a one-slice propagation with this adapter uses as a bound.
+    a one-slice propagation with this adapter uses as a bound; ``absent`` the
+    slices marked without a segment, which it learned as negatives for that
+    segment alone (records written before marks existed have none).
     """
     return {"name": name, "sha256": sha256, "labelled_slices": [int(s) for s in labelled_slices],
-            "segments": list(segments), "generation": int(generation), "lengths": dict(lengths or {})}
+            "segments": list(segments), "generation": int(generation), "lengths": dict(lengths or {}),
+            "absent": {str(k): sorted(int(i) for i in v) for k, v in (absent or {}).items()}}
 
 
 def lineage_record(parent_sha256: str, parent: "AdapterMetadata", cases_added: list[str],
