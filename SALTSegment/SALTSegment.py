@@ -27,7 +27,7 @@ from slicer.util import VTKObservationMixin
 
 from SALTSegmentLib.host import choices, dependencies, run_folders
 from SALTSegmentLib.host.adapter_metadata import AdapterFileError, load_adapter_metadata
-from SALTSegmentLib.host.drawn_slices import describe_absent
+from SALTSegmentLib.host.drawn_slices import describe_absent, describe_kept_empty
 from SALTSegmentLib.host.panel_state import NODE_ROLES, PanelState
 from SALTSegmentLib.host.propagation_findings import PropagationFindings
 from SALTSegmentLib.host.process_tree import kill_tree, pid_alive
@@ -1106,7 +1106,8 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
                                       stop_file=os.path.join(folder, "stop"), absent=absent)
         self.pendingResult = {"output": output, "folder": folder, "volumeNode": volumeNode,
                               "segmentationNode": segmentationNode, "replace": options.get("replace", True),
-                              "axis": arrayAxis, "range": None if first is None else (first, last)}
+                              "axis": arrayAxis, "range": None if first is None else (first, last),
+                              "absent": absent}
         return self.worker("propagate", cliCommand, onProgress, onFinished)
 
     def applyPropagationResult(self, outcome):
@@ -1131,8 +1132,9 @@ class SALTSegmentLogic(ScriptedLoadableModuleLogic):
             if line:
                 logging.info(f"SALTSegment: {line}")
         self.lastAxis = context["axis"]
-        return (f"Propagation done: {', '.join(names)} updated; every slice you drew was kept as drawn. "
-                "Undo propagation reverts it.")
+        keptEmpty = describe_kept_empty(context.get("absent") or {})
+        return " ".join(filter(None, [f"Propagation done: {', '.join(names)} updated; every slice you drew was kept "
+                                      "as drawn.", keptEmpty, "Undo propagation reverts it."]))
 
     def jumpToSlice(self, volumeNode, index, arrayAxis=None):
         """Centre every slice view on slice ``index`` (along the last propagation's axis) of the volume.

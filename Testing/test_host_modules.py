@@ -10,8 +10,9 @@ import pytest
 from packaging.requirements import Requirement
 
 from SALTSegmentLib.host import choices, dependencies, run_folders
-from SALTSegmentLib.host.drawn_slices import (PredictionRecord, absent_slices, describe_absent, drawn_slices,
-                                              grid_key, occupied_slices, record_prediction, slice_checksum)
+from SALTSegmentLib.host.drawn_slices import (PredictionRecord, absent_slices, describe_absent, describe_kept_empty,
+                                              drawn_slices, grid_key, occupied_slices, record_prediction,
+                                              slice_checksum)
 from SALTSegmentLib.slices import put_back_slices
 from SALTSegmentLib.host.panel_state import PanelState
 from SALTSegmentLib.host.stop_request import StopRequest, request_stop
@@ -199,6 +200,9 @@ def test_prediction_records_round_trip_and_old_records_have_nothing_absent():
     assert describe_absent("Thalamus_L", [53, 52]) == \
         "Thalamus_L: absent on slices 52, 53 (you emptied them after a propagation)"
     assert describe_absent("Caudate_R", [18]) == "Caudate_R: absent on slice 18 (you emptied it after a propagation)"
+    assert describe_kept_empty({"Thalamus_L": [53, 52], "Caudate_R": [18], "Putamen_L": []}) == \
+        "Kept empty where you emptied them: Thalamus_L on slices 52, 53; Caudate_R on slice 18."
+    assert describe_kept_empty({}) == describe_kept_empty({"Putamen_L": []}) == ""
 
 
 def test_checksums_tell_slices_apart_and_merge_keeps_slices():

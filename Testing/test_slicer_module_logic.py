@@ -194,7 +194,11 @@ def test_a_predicted_slice_the_user_emptied_reaches_both_commands_as_absent(modu
         labels, _, _ = read_label_map(command[command.index("--labels") + 1])
         assert occupied_slices(labels, 0) == [2, 6]  # the untouched prediction is no label; slice 7 is empty
     assert "SALTSegment: Thalamus_L: absent on slice 7 (you emptied it after a propagation)" in caplog.text
-    logic.discardPropagation()
+    outcome = _run(propagate)                        # the panel's line says the emptied slice was kept empty
+    assert outcome.status == "ok", outcome.message
+    summary = logic.applyPropagationResult(outcome)
+    assert "Kept empty where you emptied them: Thalamus_L on slice 7." in summary
+    assert not bridge.segment_mask(segmentation, thalamus, predicted.shape, exported.ijk_to_ras)[7].any()
     logic.cleanup()
 
     untouched = _load(slicer.mrmlScene, thalamus_crop)[1]   # never propagated: no slice is absent

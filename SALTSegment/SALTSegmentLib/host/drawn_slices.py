@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 import numpy as np
 
@@ -126,3 +126,13 @@ def describe_absent(name: str, slices: Iterable[int]) -> str:
     if len(slices) == 1:
         return f"{name}: absent on slice {slices[0]} (you emptied it after a propagation)"
     return f"{name}: absent on slices {', '.join(map(str, slices))} (you emptied them after a propagation)"
+
+
+def describe_kept_empty(absent: Mapping[str, Iterable[int]]) -> str:
+    """The panel's sentence after a propagation that honoured emptied slices ("" when there were none)."""
+    parts = []
+    for name, slices in absent.items():
+        slices = sorted(int(i) for i in slices)
+        if slices:
+            parts.append(f"{name} on slice{'s' if len(slices) > 1 else ''} {', '.join(map(str, slices))}")
+    return f"Kept empty where you emptied them: {'; '.join(parts)}." if parts else ""
