@@ -3,7 +3,8 @@
 Five axial slices spread over the structures are "drawn" (copied from the
 reference), a SALT adapter is fine-tuned on LiteMedSAM, the volume is
 propagated, and the result is scored against the full reference, on all
-slices and on the slices the model had to fill in itself. Everything lands in
+slices and on the slices the model had to fill in itself, beside what Slicer's
+*Fill between slices* makes of the same drawn slices. Everything lands in
 one folder: segmentation, adapter, JSON + Markdown report, a montage and the
 loss curve.
 """
@@ -18,6 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .host.choices import DEFAULT_STEPS
+from .interpolation import fill_between_slices
 from .metrics import evaluate_label_maps, format_table
 from .pipeline import PropagateJob, TrainJob, run_propagation, run_training
 from .progress import make_reporter
@@ -77,6 +79,8 @@ def run_demo(out: Path, method: str = "salt", steps: int = DEFAULT_STEPS, mode: 
     evaluation = evaluate_label_maps(prediction, reference, segments, geometry.spacing, "axial")
     unseen = evaluate_label_maps(prediction, reference, segments, geometry.spacing, "axial",
                                  exclude_slices=set(labelled))
+    fill_unseen = evaluate_label_maps(fill_between_slices(drawn, "axial"), reference, segments, geometry.spacing,
+                                      "axial", exclude_slices=set(labelled))   # what the user has without us
     write_montage(out / "montage.png", image, reference, prediction, segments, axis="axial",
                   labelled=set(labelled), spacing_xyz=geometry.spacing)
     write_loss_curve(out / "loss_curve.png", trained.result.losses, trained.result.learning_rates,
@@ -95,13 +99,16 @@ def run_demo(out: Path, method: str = "salt", steps: int = DEFAULT_STEPS, mode: 
         "estimate": propagated.result.estimate.to_dict() if propagated.result.estimate else None,
         "suggested_slices": [s.to_dict() for s in propagated.result.suggestions],
         "mean_dice_unlabelled_slices": round(unseen.mean_dice, 4),
+        "fill_between_slices_dice_unlabelled_slices": {s.name: round(s.dice, 4) for s in fill_unseen.segments},
+        "fill_between_slices_mean_dice_unlabelled_slices": round(fill_unseen.mean_dice, 4),
         "final_loss": trained.result.losses[-1],
     }
     write_report(out, "report", summary, evaluation)
     print(format_table(evaluation))
     if propagated.result.estimate is not None:
         print(f"before scoring, the propagation's own {propagated.result.estimate.describe()}")
-    print(f"mean Dice on the {image.shape[0] - len(labelled)} slices the model filled in: {unseen.mean_dice:.3f}")
+    print(f"mean Dice on the {image.shape[0] - len(labelled)} slices the model filled in: {unseen.mean_dice:.3f} "
+          f"(Fill between slices from the same drawn slices: {fill_unseen.mean_dice:.3f})")
     print(f"total {total_seconds:.0f} s (training {trained.result.train_seconds:.0f} s, "
           f"propagation {propagated.result.seconds:.0f} s); outputs in {out}")
     return EXIT_OK
