@@ -418,3 +418,25 @@ def test_encoder_batch_is_one_slice_on_the_cpu_and_changes_the_time_not_the_resu
         image, spacing, drawn, DRAWN)
     np.testing.assert_array_equal(batched.labels, box_result.labels)
     assert [e.to_dict() for e in batched.extents] == [e.to_dict() for e in box_result.extents]
+
+
+def test_the_fine_tuned_oracle_box_scores_every_structure_on_the_unlabelled_slices_only(lite_medsam, prompts, crop,
+                                                                                        one_thread):
+    """``bench quality``'s comparison of methods on the model alone: the adapted model and its tokens with each
+    structure's reference box, scored slice by slice, never on a slice the user drew."""
+    from SALTSegmentLib.array_jobs import AdaptedModel
+    from SALTSegmentLib.bench.cases import BenchCase
+    from SALTSegmentLib.bench.quality import adapted_box_dice
+    from SALTSegmentLib.volume_io import VolumeGeometry
+
+    image, spacing, reference, _, segments = crop
+    few = slice(11, 16)                                  # sample slices 37-41, both structures on each
+    case = BenchCase("crop", image[few], VolumeGeometry(image[few].shape[::-1], spacing), reference[few], segments,
+                     "k", "anatomy", "MR")
+    adapted = AdaptedModel(lite_medsam, prompts, segments, pp.parse_intensity("auto", image))
+    scores = adapted_box_dice(adapted, case, labelled=[0])
+    assert set(scores) == set(KEEP) and all(0.6 < value <= 1.0 for value in scores.values()), scores
+    assert adapted_box_dice(adapted, case, labelled=range(5)) == {}      # every slice drawn: nothing to score
+    alone = [adapted_box_dice(adapted, case, labelled=[i for i in range(5) if i != k]) for k in range(1, 5)]
+    for name, value in scores.items():                                   # the mean of slice Dice, slice by slice
+        assert value == pytest.approx(np.mean([one[name] for one in alone]), abs=1e-4)

@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--image", help="quality: a labelled volume of your own (default: the embedded sample)")
     bench.add_argument("--labels", help="quality: its full reference label map")
     bench.add_argument("--axis", default="k", help="quality, with --image: the voxel axis to label along (k, j, i)")
-    bench.add_argument("--no-oracle", action="store_true", help="quality: skip the zero-shot oracle-box line")
+    bench.add_argument("--no-oracle", action="store_true",
+                       help="quality: skip the oracle boxes (zero-shot, and each fine-tuned model)")
     bench.add_argument("--no-suggestion", action="store_true",
                        help="quality: skip the extra-slice experiment (suggested vs evenly chosen slice)")
     bench.add_argument("--merge", metavar="JSON[,JSON...]",

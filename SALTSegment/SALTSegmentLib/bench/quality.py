@@ -5,7 +5,9 @@ For every case, labelling protocol and count, on the same drawn slices:
 - Slicer's *Fill between slices* (ITK's morphological contour interpolation,
   :mod:`interpolation`): the free one-click baseline;
 - zero-shot LiteMedSAM with the reference box (+5 px) on every slice: an
-  oracle no user has, per structure;
+  oracle no user has, per structure; and each fine-tuned model with the same
+  boxes on the unlabelled slices, which compares the methods on the model
+  alone (the propagation's Dice is mostly the interpolated shape);
 - the drawn shape interpolated and closed at each structure's *true* ends:
   an oracle of the extent, no model (what deciding every end right would
   give if the shape between and past the drawn slices were left as it is);
@@ -34,7 +36,7 @@ from ..host.choices import DEFAULT_STEPS
 from ..interpolation import fill_between_slices
 from ..metrics import dice
 from ..models import load_model
-from ..propagation import PropagationConfig
+from ..propagation import PropagationConfig, VolumePropagator
 from ..slices import occupied_slices
 from ..training import FewShotData, TrainingConfig
 from .cases import BenchCase
@@ -76,6 +78,22 @@ def true_ends_shape_dice(case: BenchCase, drawn: np.ndarray, labelled: Sequence[
     return unlabelled_dice(labels, case, labelled)
 
 
+def _box_oracle_dice(case: BenchCase, slices: Sequence[int],
+                     predict: Callable[[int, np.ndarray], np.ndarray], margin: int) -> dict[str, float]:
+    """Mean slice Dice per structure when ``predict(index, boxes)`` gets the reference box (+``margin`` px)
+    of every structure present on each of ``slices`` and returns their masks."""
+    scores: dict[str, list[float]] = {s.name: [] for s in case.segments}
+    for index in slices:
+        reference = pp.take_slice(case.reference, case.axis, index)
+        present = [s for s in case.segments if (reference == s.label).any()]
+        if not present:
+            continue
+        boxes = np.stack([pp.mask_box(reference == s.label, margin) for s in present])
+        for segment, mask in zip(present, predict(index, boxes)):
+            scores[segment.name].append(dice(mask, reference == segment.label))
+    return {name: round(float(np.mean(values)), 4) for name, values in scores.items() if values}
+
+
 def zero_shot_box_dice(case: BenchCase, margin: int = 5) -> dict[str, float]:
     """Mean slice Dice of base LiteMedSAM prompted with the reference box on every slice (an oracle)."""
     from ..predictor import SlicePredictor
@@ -83,18 +101,41 @@ def zero_shot_box_dice(case: BenchCase, margin: int = 5) -> dict[str, float]:
     predictor = SlicePredictor(load_model("lite_medsam"))
     volume01 = pp.parse_intensity("auto", case.image).apply(case.image)
     pixel_spacing = pp.slice_pixel_spacing(case.geometry.spacing, case.axis)
-    scores: dict[str, list[float]] = {s.name: [] for s in case.segments}
-    for index in range(pp.slice_count(case.image.shape, case.axis)):
+
+    def predict(index: int, boxes: np.ndarray) -> np.ndarray:
+        predictor.set_slice(pp.take_slice(volume01, case.axis, index), pixel_spacing)
+        logits, _ = predictor.predict_boxes(boxes)
+        return logits.numpy() > 0
+
+    return _box_oracle_dice(case, range(pp.slice_count(case.image.shape, case.axis)), predict, margin)
+
+
+def adapted_box_dice(adapted: AdaptedModel, case: BenchCase, labelled: Sequence[int],
+                     margin: int = 5) -> dict[str, float]:
+    """The fine-tuned model (adapter and learned tokens) with the reference box on every unlabelled slice.
+
+    What the method itself makes of a slice when the box is right, apart from
+    the interpolated shape and the end decisions: the comparison of methods
+    that the propagation's Dice, mostly the shape, hides.
+    """
+    propagator = VolumePropagator(adapted.model, adapted.prompts, adapted.segments, adapted.intensity, case.axis,
+                                  PropagationConfig(mode="box"))
+    volume01 = adapted.intensity.apply(case.image)
+    geometry = pp.slice_geometry_for(pp.take_slice(case.image, case.axis, 0).shape,
+                                     pp.slice_pixel_spacing(case.geometry.spacing, case.axis),
+                                     adapted.model.input_size)
+    position = {s.label: k for k, s in enumerate(adapted.segments)}
+    drawn = set(int(i) for i in labelled)
+
+    def predict(index: int, boxes: np.ndarray) -> list[np.ndarray]:
         reference = pp.take_slice(case.reference, case.axis, index)
         present = [s for s in case.segments if (reference == s.label).any()]
-        if not present:
-            continue
-        predictor.set_slice(pp.take_slice(volume01, case.axis, index), pixel_spacing)
-        boxes = np.stack([pp.mask_box(reference == s.label, margin) for s in present])
-        logits, _ = predictor.predict_boxes(boxes)
-        for segment, mask in zip(present, logits.numpy() > 0):
-            scores[segment.name].append(dice(mask, reference == segment.label))
-    return {name: round(float(np.mean(values)), 4) for name, values in scores.items() if values}
+        embedding = propagator.embed(volume01, [index], geometry)[0]
+        return [propagator.predict_box(embedding, position[s.label], box, geometry) > 0.5
+                for s, box in zip(present, boxes)]
+
+    unlabelled = [i for i in range(pp.slice_count(case.image.shape, case.axis)) if i not in drawn]
+    return _box_oracle_dice(case, unlabelled, predict, margin)
 
 
 @dataclass
@@ -117,6 +158,7 @@ class QualityRun:
     propagate_s: float
     suggestion: Optional[dict] = None
     true_ends_shape: Optional[dict[str, float]] = None   # per structure, :func:`true_ends_shape_dice`
+    oracle_box: Optional[dict[str, float]] = None        # per structure, :func:`adapted_box_dice`
 
     @property
     def mean_dice(self) -> float:
@@ -198,8 +240,8 @@ def _suggestion_experiment(adapted: AdaptedModel, case, labelled, result, config
 
 def bench_case(case: BenchCase, counts: Sequence[int], methods: Sequence[str], seeds: Sequence[int],
                steps: int, protocol: str = "per_structure", suggest: bool = True,
-               say: Say = print) -> list[QualityRun]:
-    """Every (count, method, seed) run on one case."""
+               say: Say = print, oracle: bool = True) -> list[QualityRun]:
+    """Every (count, method, seed) run on one case; ``oracle``: each run's :func:`adapted_box_dice` too."""
     runs = []
     for count in counts:
         labelled = case.labelled_slices(count, protocol)
@@ -222,12 +264,15 @@ def bench_case(case: BenchCase, counts: Sequence[int], methods: Sequence[str], s
                                  unlabelled_dice(result.labels, case, labelled), fill, within, total, extents,
                                  result.estimate.to_dict() if result.estimate else None,
                                  round(trained.train_seconds, 1), round(propagate_s, 1), true_ends_shape=true_ends)
+                if oracle:
+                    run.oracle_box = adapted_box_dice(adapted, case, labelled)
                 if suggest and method == methods[0] and seed == seeds[0] and case.kind == "anatomy":
                     run.suggestion = _suggestion_experiment(adapted, case, labelled, result, config)
                 runs.append(run)
                 say(f"{case.name} {protocol} {count}: {method} seed {seed}: {run.mean_dice:.3f} "
                     f"(Fill between slices {run.mean_fill:.3f}), ends within 2: {within}/{total}, "
-                    f"train {run.train_s:.0f} s, propagate {run.propagate_s:.0f} s")
+                    f"train {run.train_s:.0f} s, propagate {run.propagate_s:.0f} s"
+                    + (f", oracle box {_mean(run.oracle_box.values()):.3f}" if run.oracle_box else ""))
                 if run.suggestion:
                     scores = run.suggestion["mean_dice"]
                     say(f"  one more slice per structure: where suggested {scores['suggested']:.3f}, "
@@ -244,10 +289,11 @@ def bench_quality(cases: Sequence[BenchCase], counts: Sequence[int] = (3, 5), me
     results = QualityResults()
     for case in cases:
         if case.kind == "lesion":
-            results.runs.extend(bench_case(case, lesion_counts, methods, seeds, steps, "per_structure", suggest, say))
+            results.runs.extend(bench_case(case, lesion_counts, methods, seeds, steps, "per_structure", suggest, say,
+                                           oracle))
         else:
             for protocol in protocols:
-                results.runs.extend(bench_case(case, counts, methods, seeds, steps, protocol, suggest, say))
+                results.runs.extend(bench_case(case, counts, methods, seeds, steps, protocol, suggest, say, oracle))
         if oracle:
             results.zero_shot[case.name] = zero_shot_box_dice(case)
     return results
@@ -276,13 +322,25 @@ def _true_ends(runs: Sequence[QualityRun]) -> dict[str, float]:
     return next((r.true_ends_shape for r in runs if r.true_ends_shape), {})
 
 
+def _oracle_cell(runs: Sequence[QualityRun], methods: Sequence[str], structure: Optional[str] = None) -> str:
+    """Each method's :func:`adapted_box_dice` (mean over structures, or one structure's), "-" where not run."""
+    cells = []
+    for method in methods:
+        values = [r.oracle_box[structure] if structure else _mean(r.oracle_box.values())
+                  for r in runs if r.method == method and r.oracle_box and (structure is None
+                                                                              or structure in r.oracle_box)]
+        cells.append(f"{_mean(values):.3f}" if values else "-")
+    return " / ".join(cells)
+
+
 def quality_table(results: QualityResults) -> str:
-    """Markdown: per case and count, Fill between slices, each method, the two oracles; then per structure."""
+    """Markdown: per case and count, Fill between slices, each method, the oracles; then per structure."""
     methods = list(dict.fromkeys(r.method for r in results.runs))
+    fine_tuned = f"oracle box after fine-tuning ({' / '.join(methods)})"
     lines = ["| case | drawn per structure | Fill between slices | " + " | ".join(methods)
-             + f" | ends within 2 slices ({methods[0] if methods else '-'}) | zero-shot oracle box "
+             + f" | ends within 2 slices ({methods[0] if methods else '-'}) | zero-shot oracle box | {fine_tuned} "
              "| shape at the true ends |",
-             "|---|---|---|" + "---|" * len(methods) + "---|---|---|"]
+             "|---|---|---|" + "---|" * len(methods) + "---|---|---|---|"]
     keys = _keys(results)
     for case, protocol, count in keys:
         runs = _runs_of(results, (case, protocol, count))
@@ -294,10 +352,10 @@ def quality_table(results: QualityResults) -> str:
         true_ends = _true_ends(runs)
         lines.append(f"| {case} | {drawn_label(protocol, count)} | {runs[0].mean_fill:.3f} | " + " | ".join(cells)
                      + f" | {within}/{total} | {_mean(oracle.values()) if oracle else float('nan'):.3f} "
-                     f"| {_mean(true_ends.values()):.3f} |")
+                     f"| {_oracle_cell(runs, methods)} | {_mean(true_ends.values()):.3f} |")
     lines += ["", "| case | drawn | structure | Fill between slices | " + " | ".join(methods)
-              + " | zero-shot oracle box | shape at the true ends |",
-              "|---|---|---|---|" + "---|" * len(methods) + "---|---|"]
+              + f" | zero-shot oracle box | {fine_tuned} | shape at the true ends |",
+              "|---|---|---|---|" + "---|" * len(methods) + "---|---|---|"]
     for case, protocol, count in keys:
         runs = _runs_of(results, (case, protocol, count))
         true_ends = _true_ends(runs)
@@ -305,7 +363,8 @@ def quality_table(results: QualityResults) -> str:
             cells = [f"{_mean(r.dice[structure] for r in runs if r.method == m):.3f}" for m in methods]
             oracle = results.zero_shot.get(case, {}).get(structure, float("nan"))
             lines.append(f"| {case} | {drawn_label(protocol, count)} | {structure} | {fill:.3f} | " + " | ".join(cells)
-                         + f" | {oracle:.3f} | {true_ends.get(structure, float('nan')):.3f} |")
+                         + f" | {oracle:.3f} | {_oracle_cell(runs, methods, structure)} "
+                         f"| {true_ends.get(structure, float('nan')):.3f} |")
     return "\n".join(lines)
 
 
