@@ -202,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     propagate = commands.add_parser("propagate", help="segment a volume (or many) with an adapter")
     propagate.add_argument("--image")
     propagate.add_argument("--cases", metavar="CSV",
-                           help="many volumes: a CSV file with a header (image[,labels][,name][,absent]); --out is then a "
-                                "folder, and volumes whose output is complete are skipped (resume)")
+                           help="many volumes: a CSV file with a header (image[,labels][,name][,absent]); --out is "
+                                "then a folder, and volumes whose output is complete are skipped (resume)")
     propagate.add_argument("--adapter", required=True)
     propagate.add_argument("--out", required=True,
                            help="label map to write (.seg.nrrd keeps names/colours); with --cases, a folder")
