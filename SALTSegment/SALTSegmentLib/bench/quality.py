@@ -78,10 +78,12 @@ def true_ends_shape_dice(case: BenchCase, drawn: np.ndarray, labelled: Sequence[
     return unlabelled_dice(labels, case, labelled)
 
 
-def _box_oracle_dice(case: BenchCase, slices: Sequence[int],
-                     predict: Callable[[int, np.ndarray], np.ndarray], margin: int) -> dict[str, float]:
-    """Mean slice Dice per structure when ``predict(index, boxes)`` gets the reference box (+``margin`` px)
-    of every structure present on each of ``slices`` and returns their masks."""
+BoxPredictor = Callable[[int, list, np.ndarray], Sequence[np.ndarray]]   # (slice, segments, boxes) -> masks
+
+
+def _box_oracle_dice(case: BenchCase, slices: Sequence[int], predict: BoxPredictor, margin: int) -> dict[str, float]:
+    """Mean slice Dice per structure when ``predict(index, segments, boxes)`` gets the segments present on each
+    of ``slices`` with their reference boxes (+``margin`` px) and returns their masks."""
     scores: dict[str, list[float]] = {s.name: [] for s in case.segments}
     for index in slices:
         reference = pp.take_slice(case.reference, case.axis, index)
@@ -89,7 +91,7 @@ def _box_oracle_dice(case: BenchCase, slices: Sequence[int],
         if not present:
             continue
         boxes = np.stack([pp.mask_box(reference == s.label, margin) for s in present])
-        for segment, mask in zip(present, predict(index, boxes)):
+        for segment, mask in zip(present, predict(index, present, boxes)):
             scores[segment.name].append(dice(mask, reference == segment.label))
     return {name: round(float(np.mean(values)), 4) for name, values in scores.items() if values}
 
@@ -102,7 +104,7 @@ def zero_shot_box_dice(case: BenchCase, margin: int = 5) -> dict[str, float]:
     volume01 = pp.parse_intensity("auto", case.image).apply(case.image)
     pixel_spacing = pp.slice_pixel_spacing(case.geometry.spacing, case.axis)
 
-    def predict(index: int, boxes: np.ndarray) -> np.ndarray:
+    def predict(index: int, segments: list, boxes: np.ndarray) -> np.ndarray:
         predictor.set_slice(pp.take_slice(volume01, case.axis, index), pixel_spacing)
         logits, _ = predictor.predict_boxes(boxes)
         return logits.numpy() > 0
@@ -127,12 +129,10 @@ def adapted_box_dice(adapted: AdaptedModel, case: BenchCase, labelled: Sequence[
     position = {s.label: k for k, s in enumerate(adapted.segments)}
     drawn = set(int(i) for i in labelled)
 
-    def predict(index: int, boxes: np.ndarray) -> list[np.ndarray]:
-        reference = pp.take_slice(case.reference, case.axis, index)
-        present = [s for s in case.segments if (reference == s.label).any()]
+    def predict(index: int, segments: list, boxes: np.ndarray) -> list[np.ndarray]:
         embedding = propagator.embed(volume01, [index], geometry)[0]
         return [propagator.predict_box(embedding, position[s.label], box, geometry) > 0.5
-                for s, box in zip(present, boxes)]
+                for s, box in zip(segments, boxes)]
 
     unlabelled = [i for i in range(pp.slice_count(case.image.shape, case.axis)) if i not in drawn]
     return _box_oracle_dice(case, unlabelled, predict, margin)

@@ -120,19 +120,21 @@ def record_prediction(result: np.ndarray, axis: int, written: Iterable[int], gri
                             {int(i) for i in absent})
 
 
+def _on_slices(slices: Iterable[int]) -> str:
+    """``on slice 7`` or ``on slices 52, 53`` (sorted)."""
+    slices = sorted(int(i) for i in slices)
+    return f"on slice{'' if len(slices) == 1 else 's'} {', '.join(map(str, slices))}"
+
+
 def describe_absent(name: str, slices: Iterable[int]) -> str:
     """The log line that tells the user an emptied slice was understood (``Liver: absent on slices 52, 53 (...)``)."""
-    slices = sorted(int(i) for i in slices)
-    if len(slices) == 1:
-        return f"{name}: absent on slice {slices[0]} (you emptied it after a propagation)"
-    return f"{name}: absent on slices {', '.join(map(str, slices))} (you emptied them after a propagation)"
+    slices = list(slices)
+    pronoun = "it" if len(slices) == 1 else "them"
+    return f"{name}: absent {_on_slices(slices)} (you emptied {pronoun} after a propagation)"
 
 
 def describe_kept_empty(absent: Mapping[str, Iterable[int]]) -> str:
     """The panel's sentence after a propagation that honoured emptied slices ("" when there were none)."""
-    parts = []
-    for name, slices in absent.items():
-        slices = sorted(int(i) for i in slices)
-        if slices:
-            parts.append(f"{name} on slice{'s' if len(slices) > 1 else ''} {', '.join(map(str, slices))}")
+    marks = {name: list(slices) for name, slices in absent.items()}
+    parts = [f"{name} {_on_slices(slices)}" for name, slices in marks.items() if slices]
     return f"Kept empty where you emptied them: {'; '.join(parts)}." if parts else ""
