@@ -84,3 +84,38 @@ def test_nothing_points_to_design_notes_outside_the_repository():
             if re.search(pattern, text) and name != "Testing/test_docs.py":
                 offenders.append(f"{name}: {pattern}")
     assert not offenders, offenders
+
+
+QUALITY = REPO / "docs" / "quality" / "README.md"
+
+
+def test_the_readme_links_the_full_quality_account():
+    quality = (REPO / "README.md").read_text(encoding="utf-8").split("## Quality", 1)[1].split("\n## ", 1)[0]
+    assert "(docs/quality/README.md)" in quality
+    assert QUALITY.is_file()
+
+
+def _section_titles(path: Path) -> set[str]:
+    """Headings, and the bold titles that open a paragraph (``**Where you draw.** ...``)."""
+    text = path.read_text(encoding="utf-8")
+    headings = re.findall(r"^#+ (.+?)\s*$", text, flags=re.MULTILINE)
+    bold = re.findall(r"^\*\*(.+?)[.:]?\*\*", text, flags=re.MULTILINE)
+    return set(headings) | set(bold)
+
+
+def test_every_section_a_source_file_points_to_exists():
+    """``README "Quality"`` or ``docs/quality/README.md "Where you draw"`` in code names a section that is there."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    targets = {"README": REPO / "README.md", "docs/quality/README.md": QUALITY}
+    titles = {name: _section_titles(path) for name, path in targets.items()}
+    found, broken = 0, []
+    for name in files:
+        text = (REPO / name).read_text(encoding="utf-8", errors="replace")
+        flat = re.sub(r"\s*\n\s*(?:#\s*)?", " ", text)   # a reference may wrap, in a docstring or a comment
+        for target, title in re.findall(r"(docs/quality/README\.md|README)(?:\.md)?,? \"([^\"]+)\"", flat):
+            found += 1
+            if not any(t == title or t.startswith(title) for t in titles[target]):
+                broken.append(f"{name}: {target} \"{title}\"")
+    assert found >= 5, "the pattern no longer finds the references"
+    assert not broken, broken

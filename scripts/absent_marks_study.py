@@ -1,7 +1,7 @@
 """What a user's correction of an end is worth once it is kept: slices marked without a structure.
 
 A walk that goes a slice or two past a structure's end is the commonest
-error left (README "Where it falls short"). The user sees it and empties the
+error left (docs/quality/README.md "Where it falls short"). The user sees it and empties the
 segment on those slices. Before marks existed, the next *Propagate* painted
 them again (an empty slice was not a label); now the emptied slice is a
 mark (``--absent NAME=SLICES``; in Slicer, a slice emptied after a

@@ -76,15 +76,15 @@ def walk_fusion_weight(end_fusion: float, bounded_end_fusion: float, end: Segmen
     From a single drawn slice the closing shape is only that slice shrinking
     away, so the model's masks are the shape there (``end_fusion``); so too
     past slices drawn densely, which the drawn region's size bounds as it
-    bounds one slice (:func:`extent.drawn_densely`; README "Drawn on
-    neighbouring slices"). From two drawn slices or more, a walk that the
+    bounds one slice (:func:`extent.drawn_densely`; docs/quality/README.md
+    "Drawn on neighbouring slices"). From two drawn slices or more, a walk that the
     model's own evidence ended (nothing found, a sliver, an unlike region)
     followed the structure to where it faded, and its masks are blended in
     the same way; a walk a bound ended (the drawn spacing, half way, a
     labelled slice without it, an edge) was cut where the model still saw a
     region, and near a tip those masks hold more false than true voxels: the
-    shape closed towards that end is kept (``bounded_end_fusion``, README
-    "Quality").
+    shape closed towards that end is kept (``bounded_end_fusion``,
+    docs/quality/README.md "Which walks take the model's half").
     """
     if drawn_slices <= 1 or end.reason in EVIDENCE_ENDS or end.reason == END_SIZE:
         return end_fusion
@@ -98,7 +98,7 @@ def slices_far_from_drawn(present: Sequence[int], labelled: Sequence[int], min_d
     Next to a drawn slice the interpolated shape is nearly the drawing
     itself, and the model's mask (a coarser answer) only blurs it; further
     into a gap the interpolation is a guess and the image helps. Measured on
-    the development set (1 mm slices, README "Between the drawn slices"): the
+    the development set (1 mm slices, docs/quality/README.md "Between the drawn slices"): the
     model's blend loses at one slice from a drawing, ties at two, gains from
     three. The distance must hold in slices and in millimetres, so thick
     slices (not in the development set) are treated no less cautiously than

@@ -47,7 +47,7 @@ EVIDENCE_ENDS = (END_EMPTY, END_SHRANK, END_APPEARANCE)
 
 @dataclass(frozen=True)
 class ExtentRule:
-    """Thresholds of the end decision (chosen on the development set; see README "Quality")."""
+    """Thresholds of the end decision (chosen on the development set: docs/quality/README.md)."""
 
     spacing_bound: float = 1.0        # x the user's label spacing beyond the outermost drawn slice
     radius_bound: float = 0.75        # x in-plane radius / slice spacing, when one slice is drawn
@@ -55,15 +55,15 @@ class ExtentRule:
     min_area_ratio: float = 0.1       # x the area of the outermost drawn slice
     # x the distance at which the drawn area's shrinking (next drawn slice -> outermost) would reach zero:
     # a user who drew close to the end drew it small. The spacing bound alone assumes evenly drawn slices, one
-    # gap inside the ends; drawn near the ends or at random it overshoots (README "Quality", near_ends and
-    # random protocols; scripts/extent_study.py). None: off
+    # gap inside the ends; drawn near the ends or at random it overshoots (docs/quality/README.md "Where you
+    # draw": the near_ends and random protocols; scripts/extent_study.py). None: off
     taper_bound: Optional[float] = 0.5
     # x the slices between the outermost drawn slice and a labelled slice without the segment: the end lies
     # somewhere between, and without evidence half way is the least wrong guess (None: up to that slice)
     halfway_bound: Optional[float] = 0.5
     # x the widest drawn region's radius (in slices): drawn slices no further apart than this (or next to each
     # other) were drawn densely where the structure is clearest, and their gap says nothing of its length; they
-    # are bounded by the radius, as one drawn slice is (README "Drawn on neighbouring slices";
+    # are bounded by the radius, as one drawn slice is (docs/quality/README.md "Drawn on neighbouring slices";
     # scripts/extent_study.py). None: only slices next to each other
     dense_gap: Optional[float] = 0.2
 

