@@ -65,8 +65,9 @@ def site(tmp_path_factory, sample_image_path, sample_labels_path) -> dict[str, T
 @pytest.fixture(scope="module")
 def site_adapter(site, tmp_path_factory, one_thread) -> Path:
     out = tmp_path_factory.mktemp("site_adapter") / "site.safetensors"
-    run_training(TrainJob(image=site["a"].image, labels=site["a"].labels, out=str(out), cases=[site["b"]],
-                          config=CONFIG))
+    # The first volume's slices given in the job (as an API caller would), the others' in their cases.
+    run_training(TrainJob(image=site["a"].image, labels=site["a"].labels, out=str(out), slices=[3],
+                          cases=[site["b"]], config=CONFIG))
     return out
 
 

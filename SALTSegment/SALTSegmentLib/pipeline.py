@@ -164,7 +164,7 @@ class TrainJob:
     model_id: Optional[str] = None   # None: lite_medsam, or the --init adapter's base model
     weights: Optional[str] = None
     segments: Optional[list[str]] = None
-    slices: Optional[list[int]] = None
+    slices: Optional[list[int]] = None   # ``image``'s labelled slices (each case has its own)
     axis: Optional[str] = None   # an anatomical plane or a voxel axis i/j/k; None: axial, or the --init adapter's plane
     intensity: str = "auto"      # with --init, "auto" means the parent's mapping
     resample_labels: bool = False
@@ -328,9 +328,6 @@ def _train_locked(job: TrainJob, out: Path, on_step, should_stop, on_checkpoint,
     cases = job.all_cases()
     if not cases:
         raise TrainingInputError("Nothing to train on: give --image and --labels, or --cases FILE")
-    if job.slices is not None and len(cases) > 1:
-        raise TrainingInputError("--slices applies to one volume; with several, give each volume's slices in the "
-                                 "'slices' column of --cases")
     parent = _parent_adapter(job) if job.init else None
     model_id = job.model_id or (parent.metadata.base_model if parent else "lite_medsam")
     get_spec(model_id)
