@@ -43,13 +43,12 @@ from SALTSegmentLib import preprocessing as pp  # noqa: E402
 from SALTSegmentLib.appearance import build_appearance  # noqa: E402
 from SALTSegmentLib.array_jobs import FineTuned  # noqa: E402
 from SALTSegmentLib.bench.cases import development_cases, sample_case  # noqa: E402
-from SALTSegmentLib.bench.quality import true_extent  # noqa: E402
+from SALTSegmentLib.bench.quality import slice_prompter, true_extent  # noqa: E402
 from SALTSegmentLib.box_mode import box_margin_pixels  # noqa: E402
 from SALTSegmentLib.devices import autocast  # noqa: E402
 from SALTSegmentLib.losses import dice_bce_loss  # noqa: E402
 from SALTSegmentLib.models import load_model  # noqa: E402
 from SALTSegmentLib.adapters import merge_adapters  # noqa: E402
-from SALTSegmentLib.propagation import PropagationConfig, VolumePropagator  # noqa: E402
 from SALTSegmentLib.training import FewShotData, FewShotTrainer, TrainingConfig  # noqa: E402
 
 
@@ -107,12 +106,7 @@ def walk_records(case, count: int, weight: float, steps: int, seed: int) -> list
     adapted = FineTuned(trainer, result).adapted()
     merge_adapters(adapted.model)
     trained_head = adapted.model.mask_decoder.iou_prediction_head
-    propagator = VolumePropagator(adapted.model, adapted.prompts, adapted.segments, adapted.intensity, case.axis,
-                                  PropagationConfig(mode="box"))
-    volume01 = adapted.intensity.apply(case.image)
-    geometry = pp.slice_geometry_for(pp.take_slice(case.image, case.axis, 0).shape,
-                                     pp.slice_pixel_spacing(case.geometry.spacing, case.axis),
-                                     adapted.model.input_size)
+    propagator, volume01, geometry = slice_prompter(adapted, case)
     count_slices = pp.slice_count(case.image.shape, case.axis)
     embeddings: dict[int, torch.Tensor] = {}
 

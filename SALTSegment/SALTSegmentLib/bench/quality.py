@@ -112,6 +112,19 @@ def zero_shot_box_dice(case: BenchCase, margin: int = 5) -> dict[str, float]:
     return _box_oracle_dice(case, range(pp.slice_count(case.image.shape, case.axis)), predict, margin)
 
 
+def slice_prompter(adapted: AdaptedModel, case: BenchCase
+                   ) -> tuple[VolumePropagator, np.ndarray, pp.SliceGeometry]:
+    """The fine-tuned model set up to be prompted slice by slice on ``case``: a box-mode propagator, the
+    volume mapped to [0, 1] as the adapter maps intensities, and the slice geometry."""
+    propagator = VolumePropagator(adapted.model, adapted.prompts, adapted.segments, adapted.intensity, case.axis,
+                                  PropagationConfig(mode="box"))
+    volume01 = adapted.intensity.apply(case.image)
+    geometry = pp.slice_geometry_for(pp.take_slice(case.image, case.axis, 0).shape,
+                                     pp.slice_pixel_spacing(case.geometry.spacing, case.axis),
+                                     adapted.model.input_size)
+    return propagator, volume01, geometry
+
+
 def adapted_box_dice(adapted: AdaptedModel, case: BenchCase, labelled: Sequence[int],
                      margin: int = 5) -> dict[str, float]:
     """The fine-tuned model (adapter and learned tokens) with the reference box on every unlabelled slice.
@@ -120,12 +133,7 @@ def adapted_box_dice(adapted: AdaptedModel, case: BenchCase, labelled: Sequence[
     the interpolated shape and the end decisions: the comparison of methods
     that the propagation's Dice, mostly the shape, hides.
     """
-    propagator = VolumePropagator(adapted.model, adapted.prompts, adapted.segments, adapted.intensity, case.axis,
-                                  PropagationConfig(mode="box"))
-    volume01 = adapted.intensity.apply(case.image)
-    geometry = pp.slice_geometry_for(pp.take_slice(case.image, case.axis, 0).shape,
-                                     pp.slice_pixel_spacing(case.geometry.spacing, case.axis),
-                                     adapted.model.input_size)
+    propagator, volume01, geometry = slice_prompter(adapted, case)
     position = {s.label: k for k, s in enumerate(adapted.segments)}
     drawn = set(int(i) for i in labelled)
 
