@@ -45,7 +45,6 @@ from SALTSegmentLib.array_jobs import FineTuned  # noqa: E402
 from SALTSegmentLib.bench.cases import development_cases, sample_case  # noqa: E402
 from SALTSegmentLib.bench.quality import slice_prompter, true_extent  # noqa: E402
 from SALTSegmentLib.box_mode import box_margin_pixels  # noqa: E402
-from SALTSegmentLib.devices import autocast  # noqa: E402
 from SALTSegmentLib.losses import dice_bce_loss  # noqa: E402
 from SALTSegmentLib.models import load_model  # noqa: E402
 from SALTSegmentLib.adapters import merge_adapters  # noqa: E402
@@ -62,27 +61,13 @@ class PresenceTrainer(FewShotTrainer):
         return super().trainable_parameters()
 
     def _step_loss(self, plans):
-        bank = self.bank
-        batch = torch.tensor([plan.copy_index for plan in plans])
-        features = bank.features[batch].to(self.device)
-        with autocast(self.device, self.dtype):
-            embeddings = self._embeddings(features, batch)
-            all_logits, all_targets, all_iou = [], [], []
-            for row, plan in enumerate(plans):
-                sparse = self.prompts(plan.chosen.to(self.device))
-                if plan.boxes is not None:
-                    sparse = torch.cat([sparse, self.model.embed_boxes(plan.boxes.to(self.device)).to(sparse.dtype)],
-                                       dim=1)
-                logits, iou = self.model.decode(embeddings[row:row + 1], sparse)
-                all_logits.append(logits[:, 0])
-                all_iou.append(iou[:, 0])
-                all_targets.append(bank.targets[plan.copy_index, plan.chosen].to(self.device))
-        logits, targets, iou = torch.cat(all_logits).float(), torch.cat(all_targets).float(), torch.cat(all_iou).float()
+        logits, targets, quality = self._decode_rows(plans)
+        logits, targets, quality = logits.float(), targets.float(), quality.float()
         with torch.no_grad():
             predicted, truth = (logits > 0).flatten(1), (targets > 0.5).flatten(1)
             overlap = (predicted & truth).sum(1).float() / (predicted | truth).sum(1).clamp_min(1).float()
             wanted = torch.where(truth.any(1), overlap, torch.zeros_like(overlap))
-        return dice_bce_loss(logits, targets) + self.presence_weight * F.mse_loss(iou, wanted)
+        return dice_bce_loss(logits, targets) + self.presence_weight * F.mse_loss(quality, wanted)
 
 
 def auc(inside: list[float], outside: list[float]) -> float | None:
@@ -116,18 +101,15 @@ def walk_records(case, count: int, weight: float, steps: int, seed: int) -> list
         return embeddings[index]
 
     def decode(k: int, index: int, guide: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """The map and the trained quality, then the base model's quality head on the same prompt."""
         box = pp.mask_box(guide, box_margin_pixels(guide, propagator.config.box_margin))
-        boxes = torch.as_tensor(geometry.boxes_to_input(box), dtype=torch.float32)
-        with torch.inference_mode(), autocast(propagator.device, propagator.dtype):
-            sparse = torch.cat([propagator.tokens[k:k + 1],
-                                adapted.model.embed_boxes(boxes).to(propagator.tokens.dtype)], dim=1)
-        maps, trained = propagator._decode(embedding(index), sparse, geometry)
+        probabilities, trained = propagator.predict_box_with_quality(embedding(index), k, box, geometry)
         adapted.model.mask_decoder.iou_prediction_head = base_head
         try:
-            _, base = propagator._decode(embedding(index), sparse, geometry)
+            _, base = propagator.predict_box_with_quality(embedding(index), k, box, geometry)
         finally:
             adapted.model.mask_decoder.iou_prediction_head = trained_head
-        return maps[0].numpy(), float(trained[0]), float(base[0])
+        return probabilities, trained, base
 
     low = propagator.embedding_grid
     records = []

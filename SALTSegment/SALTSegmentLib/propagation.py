@@ -155,11 +155,17 @@ class VolumePropagator:
     @torch.inference_mode()
     def predict_box(self, embedding: torch.Tensor, k: int, box: np.ndarray, geometry: pp.SliceGeometry) -> np.ndarray:
         """Probability map (slice grid) of segment ``k``, prompted by its tokens and ``box`` (x0, y0, x1, y1)."""
+        return self.predict_box_with_quality(embedding, k, box, geometry)[0]
+
+    @torch.inference_mode()
+    def predict_box_with_quality(self, embedding: torch.Tensor, k: int, box: np.ndarray,
+                                 geometry: pp.SliceGeometry) -> tuple[np.ndarray, float]:
+        """:meth:`predict_box` and the decoder's own quality (predicted IoU) of that mask."""
         boxes = torch.as_tensor(geometry.boxes_to_input(box), dtype=torch.float32, device=self.device)
         with autocast(self.device, self.dtype):
             sparse = torch.cat([self.tokens[k:k + 1], self.model.embed_boxes(boxes).to(self.tokens.dtype)], dim=1)
-        maps, _ = self._decode(embedding, sparse, geometry)
-        return maps[0].numpy()
+        maps, quality = self._decode(embedding, sparse, geometry)
+        return maps[0].numpy(), float(quality[0])
 
     # ------------------------------------------------------------------ run
     def run(self, image: np.ndarray, spacing: tuple[float, float, float],

@@ -534,23 +534,30 @@ class FewShotTrainer:
         boxes = self._prompt_boxes(self.bank, copy_index, chosen, generator) if use_box else None
         return _RowPlan(copy_index, chosen, boxes)
 
-    def _step_loss(self, plans: list[_RowPlan]) -> torch.Tensor:
-        """Mean Dice + BCE over the (row, segment) pairs of ``plans``."""
+    def _decode_rows(self, plans: list[_RowPlan]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every (row, segment) pair of ``plans`` decoded: logits (N, H, W), targets (N, H, W) and the
+        decoder's predicted IoU (N,), which the loss leaves out (``scripts/presence_study.py`` trains it)."""
         bank = self.bank
         batch = torch.tensor([plan.copy_index for plan in plans])
         features = bank.features[batch].to(self.device)
         with autocast(self.device, self.dtype):
             embeddings = self._embeddings(features, batch)
-            all_logits, all_targets = [], []
+            all_logits, all_targets, all_quality = [], [], []
             for row, plan in enumerate(plans):
                 sparse = self.prompts(plan.chosen.to(self.device))
                 if plan.boxes is not None:
                     boxes = plan.boxes.to(self.device)
                     sparse = torch.cat([sparse, self.model.embed_boxes(boxes).to(sparse.dtype)], dim=1)
-                logits, _ = self.model.decode(embeddings[row:row + 1], sparse)
+                logits, quality = self.model.decode(embeddings[row:row + 1], sparse)
                 all_logits.append(logits[:, 0])
+                all_quality.append(quality[:, 0])
                 all_targets.append(bank.targets[plan.copy_index, plan.chosen].to(self.device))
-        return dice_bce_loss(torch.cat(all_logits), torch.cat(all_targets))
+        return torch.cat(all_logits), torch.cat(all_targets), torch.cat(all_quality)
+
+    def _step_loss(self, plans: list[_RowPlan]) -> torch.Tensor:
+        """Mean Dice + BCE over the (row, segment) pairs of ``plans``."""
+        logits, targets, _ = self._decode_rows(plans)
+        return dice_bce_loss(logits, targets)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad] + list(self.prompts.parameters())
