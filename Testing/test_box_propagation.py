@@ -159,6 +159,20 @@ def test_the_estimate_compares_with_fill_between_slices_on_the_same_hidden_slice
         assert suggestion.describe().startswith(f"{suggestion.segment}: draw slice {suggestion.slice} next (")
 
 
+def test_sagittal_slices_propagate_as_the_same_slices_drawn_axially(lite_medsam, prompts, crop, box_result):
+    """The crop turned so that its axial slices are voxel axis i (sagittal slices of an axially stored volume):
+    the same slices, drawn and propagated along i, give the axial result turned (a sagittal drawing once came
+    back as drawn, nothing filled in, because the shape interpolation lost its slice list along x)."""
+    image, (sx, sy, sz), _, drawn, segments = crop
+    turn = lambda volume: np.moveaxis(volume, 0, 2)   # noqa: E731
+    config = PropagationConfig(mode="box")
+    result = _EncodedOnce(lite_medsam, prompts, segments, pp.parse_intensity("auto", image), "i", config).run(
+        turn(image), (sz, sx, sy), turn(drawn), DRAWN)
+    np.testing.assert_array_equal(result.labels, turn(box_result.labels))
+    assert [e.to_dict() for e in result.extents] == [e.to_dict() for e in box_result.extents]
+    assert (result.labels > 0).sum() > 2 * (drawn > 0).sum()
+
+
 def test_a_range_between_drawn_slices_is_filled_from_seeds_outside_it(lite_medsam, prompts, crop):
     image, spacing, reference, drawn, segments = crop
     result = _propagator(lite_medsam, prompts, crop, slice_range=(4, 7), estimate=False).run(

@@ -39,17 +39,35 @@ def test_interpolates_a_ball_between_drawn_slices_on_every_axis(axis):
     assert occupied[0] == slices[0] and occupied[-1] == slices[-1]  # shape only: no extrapolation
 
 
-def test_a_labelled_empty_slice_closes_the_shape_towards_it():
+@pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal"])
+def test_a_labelled_empty_slice_closes_the_shape_towards_it_on_every_axis(axis):
     ball = _ball()
     drawn = np.zeros_like(ball)
-    for index in (14, 20):
-        drawn[index] = ball[index]
-    plain = interpolate_segment(drawn, "axial")
-    with_negative = interpolate_segment(drawn, "axial", labelled_slices=[14, 20, 27])
-    assert pp.occupied_slices(plain, "axial")[-1] == 20
-    last = pp.occupied_slices(with_negative, "axial")[-1]
-    assert 20 < last < 27
-    assert not with_negative[27].any()
+    for index in (10, 16):
+        pp.put_slice(drawn, axis, index, pp.take_slice(ball, axis, index))
+    plain = interpolate_segment(drawn, axis)
+    with_negative = interpolate_segment(drawn, axis, labelled_slices=[10, 16, 23])
+    assert pp.occupied_slices(plain, axis) == list(range(10, 17))
+    assert pp.occupied_slices(with_negative, axis)[0] == 10
+    last = pp.occupied_slices(with_negative, axis)[-1]
+    assert 16 < last < 23
+    assert not pp.take_slice(with_negative, axis, 23).any()
+
+
+@pytest.mark.parametrize("axis", ["coronal", "sagittal"])
+def test_every_axis_interpolates_as_the_axial_one_of_the_turned_volume(axis):
+    """ITK's filter given its slice list along x once returned the drawn slices unchanged (sagittal: nothing
+    filled in, nothing closed); the same drawing turned so that its slices are axial must give the same shape."""
+    ball = _ball(centre=(19, 17, 15), radius=11.5)
+    dim = pp.SLICE_AXES[axis]
+    drawn = np.zeros_like(ball)
+    for index in (9, 15, 21):
+        pp.put_slice(drawn, axis, index, pp.take_slice(ball, axis, index))
+    listed = [9, 15, 21, 26]
+    along = interpolate_segment(drawn, axis, labelled_slices=listed)
+    turned = np.moveaxis(interpolate_segment(np.moveaxis(drawn, dim, 0), "axial", labelled_slices=listed), 0, dim)
+    assert np.array_equal(along, turned)
+    assert along.sum() > 3 * drawn.sum()
 
 
 def test_fill_between_slices_keeps_labels_apart_and_matches_per_segment_runs():

@@ -26,27 +26,36 @@ import numpy as np
 from .slices import array_axis
 
 
-def _itk_axis(axis: str) -> int:
-    """ITK indexes (x, y, z); our arrays are (z, y, x)."""
-    return 2 - array_axis(axis)
+# Our arrays are (z, y, x): their first axis is ITK's last (z).
+_ITK_SLICE_AXIS = 2
 
 
 def _run_interpolator(array: np.ndarray, axis: str, label: int,
                       labelled_slices: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Run the ITK filter along ``axis`` with the slices stacked along the array's first axis.
+
+    The filter given its own slice list along ITK's x axis (our voxel axis i,
+    sagittal slices of an axially stored volume) returns the drawn slices
+    unchanged (itkwasm-morphological-contour-interpolation 2.0.0); along z it
+    interpolates. Stacking the slices first makes every axis take that path;
+    the result is the same array the filter makes along y or z directly
+    (Testing/test_interpolation.py).
+    """
     from itkwasm import Image, ImageType
     from itkwasm_morphological_contour_interpolation import morphological_contour_interpolation
 
-    data = np.ascontiguousarray(array)
+    dim = array_axis(axis)
+    data = np.ascontiguousarray(np.moveaxis(array, dim, 0))
     component = {np.dtype(np.uint8): "uint8", np.dtype(np.uint16): "uint16"}[data.dtype]
     image = Image(imageType=ImageType(dimension=3, componentType=component, pixelType="Scalar", components=1),
                   size=list(data.shape[::-1]), data=data)
     options = {}
     if labelled_slices is not None:
-        options = dict(use_custom_slice_positions=True, labeled_slice_indices_axis=_itk_axis(axis),
+        options = dict(use_custom_slice_positions=True, labeled_slice_indices_axis=_ITK_SLICE_AXIS,
                        labeled_slice_indices_label=label, labeled_slice_indices=[int(i) for i in labelled_slices])
-    result = morphological_contour_interpolation(image, label=label, axis=_itk_axis(axis),
+    result = morphological_contour_interpolation(image, label=label, axis=_ITK_SLICE_AXIS,
                                                  no_use_distance_transform=True, **options)
-    return np.asarray(result.data).reshape(data.shape)
+    return np.moveaxis(np.asarray(result.data).reshape(data.shape), 0, dim)
 
 
 def fill_between_slices(labels: np.ndarray, axis: str) -> np.ndarray:
