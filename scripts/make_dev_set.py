@@ -23,6 +23,12 @@ Cases (``cases.json`` lists them with their slice axis and protocol):
   (flocculi, lobules III), axial;
 - ``ch2_aal_coronal``: MR, insula and anterior cingulum, labelled on
   *coronal* slices (voxel axis j);
+- ``ch2_aal_sagittal``: MR, two vermis lobules (IV-V, VIII) and the gyri
+  recti, labelled on *sagittal* slices (voxel axis i);
+- ``ch2_aal_medial``: MR, parahippocampal gyri and calcarine cortex, axial
+  (the last two cases were added after every default was chosen, so their
+  first record measured the defaults on structures and a plane they were not
+  chosen on);
 - ``lung1_lesion``: CT, a lung lesion (5 mm slices);
 - ``brain2_lesion``: MR, a brain lesion (6.5 mm slices);
 - ``breast1_lesion``: MR, a breast lesion (2.1 mm slices, 45 x 120 pixels).
@@ -70,6 +76,14 @@ AAL_CASES = {
         "structures": {29: ("Insula_L", (0.95, 0.75, 0.25)), 30: ("Insula_R", (0.99, 0.88, 0.55)),
                        31: ("Cingulum_Ant_L", (0.30, 0.65, 0.90)), 32: ("Cingulum_Ant_R", (0.60, 0.80, 0.95))},
         "crop": ((34, 84, 44), (116, 106, 68)), "axis": "j"},
+    "ch2_aal_sagittal": {
+        "structures": {111: ("Vermis_4_5", (0.55, 0.45, 0.85)), 114: ("Vermis_8", (0.85, 0.55, 0.65)),
+                       27: ("Rectus_L", (0.35, 0.75, 0.45)), 28: ("Rectus_R", (0.70, 0.90, 0.55))},
+        "crop": ((60, 40, 20), (61, 161, 66)), "axis": "i"},
+    "ch2_aal_medial": {
+        "structures": {39: ("ParaHippocampal_L", (0.80, 0.60, 0.20)), 40: ("ParaHippocampal_R", (0.95, 0.80, 0.40)),
+                       43: ("Calcarine_L", (0.25, 0.45, 0.85)), 44: ("Calcarine_R", (0.50, 0.70, 0.95))},
+        "crop": ((50, 15, 30), (86, 136, 71)), "axis": "k"},
 }
 
 
