@@ -62,7 +62,7 @@ PYRADIOMICS_CASES = ("lung1", "brain2", "breast1")   # lung2 and brain1 are held
 HELD_OUT_NAMES = ("lung2", "brain1")
 
 # name -> AAL values (name, colour) of the structures, voxel crop (start x, y, z; size x, y, z), slice axis
-# (voxel axis: k slices axial planes of these volumes, j coronal ones).
+# (voxel axis: k slices axial planes of these volumes, j coronal ones, i sagittal ones).
 AAL_CASES = {
     "ch2_aal_small": {
         "structures": {79: ("Heschl_L", (0.85, 0.33, 0.10)), 80: ("Heschl_R", (0.96, 0.63, 0.45)),
