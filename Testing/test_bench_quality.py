@@ -106,12 +106,13 @@ def test_runs_made_apart_merge_into_one_table(tmp_path):
     merged.runs[0].true_ends_shape = {"block": 0.9, "small": 0.5}
     merged.runs[2].oracle_box = {"block": 0.95, "small": 0.65}                    # lora on other, fine-tuned
     table = quality_table(merged)
-    assert "| toy | 3 | 0.500 | 0.750 | nan |" in table       # Fill between slices, salt, no lora run on toy
+    assert "| toy | 3 | 0.500 | 0.750 | - |" in table       # Fill between slices, salt, no lora run on toy
     # zero-shot oracle box, each method's oracle box after fine-tuning (none on toy), true-ends shape
-    assert "| toy | 3 | 0.500 | 0.750 | nan | 3/4 | 0.600 | - / - | 0.700 |" in table
-    assert "| toy | 3 | block | 0.600 | 0.800 | nan | 0.700 | - / - | 0.900 |" in table
-    assert "| other | 3 | 0.500 | 0.850 | 0.800 | 3/4 | nan | - / 0.800 | nan |" in table
-    assert "| other | 3 | small | 0.400 | 0.800 | 0.750 | nan | - / 0.650 | nan |" in table
+    assert "| toy | 3 | 0.500 | 0.750 | - | 3/4 | 0.600 | - / - | 0.700 |" in table
+    assert "| toy | 3 | block | 0.600 | 0.800 | - | 0.700 | - / - | 0.900 |" in table
+    assert "| other | 3 | 0.500 | 0.850 | 0.800 | 3/4 | - | - / 0.800 | - |" in table
+    assert "| other | 3 | small | 0.400 | 0.800 | 0.750 | - | - / 0.650 | - |" in table
+    assert "nan" not in table                                 # nothing run is "-", never "nan"
     assert "| other | 3 | 0.500 | 0.850 | 0.800 | 3/4 |" in table      # ends of the first method only
     paths = write_quality_outputs(merged, tmp_path)
     assert [p.name for p in paths] == ["quality.json", "quality.md", "quality.png"]

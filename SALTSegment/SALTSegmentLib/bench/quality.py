@@ -21,6 +21,7 @@ Scores are 3D Dice over the slices the user did not draw, per structure.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -330,6 +331,11 @@ def _true_ends(runs: Sequence[QualityRun]) -> dict[str, float]:
     return next((r.true_ends_shape for r in runs if r.true_ends_shape), {})
 
 
+def _cell(value: float) -> str:
+    """A score in a table, "-" where nothing was run (a method, an oracle skipped with ``--no-oracle``)."""
+    return "-" if math.isnan(value) else f"{value:.3f}"
+
+
 def _oracle_cell(runs: Sequence[QualityRun], methods: Sequence[str], structure: Optional[str] = None) -> str:
     """Each method's :func:`adapted_box_dice` (mean over structures, or one structure's), "-" where not run."""
     cells = []
@@ -352,15 +358,15 @@ def quality_table(results: QualityResults) -> str:
     keys = _keys(results)
     for case, protocol, count in keys:
         runs = _runs_of(results, (case, protocol, count))
-        cells = [f"{_mean(r.mean_dice for r in runs if r.method == m):.3f}" for m in methods]
+        cells = [_cell(_mean(r.mean_dice for r in runs if r.method == m)) for m in methods]
         first = [r for r in runs if r.method == methods[0]]   # ends of one method, not summed over methods
         within = sum(r.ends_within_2 for r in first)
         total = sum(r.ends for r in first)
         oracle = results.zero_shot.get(case)
         true_ends = _true_ends(runs)
         lines.append(f"| {case} | {drawn_label(protocol, count)} | {runs[0].mean_fill:.3f} | " + " | ".join(cells)
-                     + f" | {within}/{total} | {_mean(oracle.values()) if oracle else float('nan'):.3f} "
-                     f"| {_oracle_cell(runs, methods)} | {_mean(true_ends.values()):.3f} |")
+                     + f" | {within}/{total} | {_cell(_mean(oracle.values()) if oracle else math.nan)} "
+                     f"| {_oracle_cell(runs, methods)} | {_cell(_mean(true_ends.values()))} |")
     lines += ["", "| case | drawn | structure | Fill between slices | " + " | ".join(methods)
               + f" | zero-shot oracle box | {fine_tuned} | shape at the true ends |",
               "|---|---|---|---|" + "---|" * len(methods) + "---|---|---|"]
@@ -368,11 +374,11 @@ def quality_table(results: QualityResults) -> str:
         runs = _runs_of(results, (case, protocol, count))
         true_ends = _true_ends(runs)
         for structure, fill in runs[0].fill_between_slices.items():
-            cells = [f"{_mean(r.dice[structure] for r in runs if r.method == m):.3f}" for m in methods]
-            oracle = results.zero_shot.get(case, {}).get(structure, float("nan"))
+            cells = [_cell(_mean(r.dice[structure] for r in runs if r.method == m)) for m in methods]
+            oracle = results.zero_shot.get(case, {}).get(structure, math.nan)
             lines.append(f"| {case} | {drawn_label(protocol, count)} | {structure} | {fill:.3f} | " + " | ".join(cells)
-                         + f" | {oracle:.3f} | {_oracle_cell(runs, methods, structure)} "
-                         f"| {true_ends.get(structure, float('nan')):.3f} |")
+                         + f" | {_cell(oracle)} | {_oracle_cell(runs, methods, structure)} "
+                         f"| {_cell(true_ends.get(structure, math.nan))} |")
     return "\n".join(lines)
 
 
