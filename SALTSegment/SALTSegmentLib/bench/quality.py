@@ -343,7 +343,7 @@ def _oracle_cell(runs: Sequence[QualityRun], methods: Sequence[str], structure: 
         values = [r.oracle_box[structure] if structure else _mean(r.oracle_box.values())
                   for r in runs if r.method == method and r.oracle_box and (structure is None
                                                                               or structure in r.oracle_box)]
-        cells.append(f"{_mean(values):.3f}" if values else "-")
+        cells.append(_cell(_mean(values)))
     return " / ".join(cells)
 
 
@@ -362,10 +362,10 @@ def quality_table(results: QualityResults) -> str:
         first = [r for r in runs if r.method == methods[0]]   # ends of one method, not summed over methods
         within = sum(r.ends_within_2 for r in first)
         total = sum(r.ends for r in first)
-        oracle = results.zero_shot.get(case)
+        oracle = results.zero_shot.get(case, {})
         true_ends = _true_ends(runs)
         lines.append(f"| {case} | {drawn_label(protocol, count)} | {runs[0].mean_fill:.3f} | " + " | ".join(cells)
-                     + f" | {within}/{total} | {_cell(_mean(oracle.values()) if oracle else math.nan)} "
+                     + f" | {within}/{total} | {_cell(_mean(oracle.values()))} "
                      f"| {_oracle_cell(runs, methods)} | {_cell(_mean(true_ends.values()))} |")
     lines += ["", "| case | drawn | structure | Fill between slices | " + " | ".join(methods)
               + f" | zero-shot oracle box | {fine_tuned} | shape at the true ends |",
