@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -65,9 +66,12 @@ def draw(folder: Path, name: str, reference: np.ndarray, geometry: VolumeGeometr
     return write_label_map(folder / f"{name}_drawn{count}.seg.nrrd", drawn, geometry, segments)
 
 
-def run_child(args: list[str]) -> dict:
-    """Run one CLI command; its exit code, peak RSS (MiB), seconds and the estimate it reported."""
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+def run_child(args: list[str], environment: Optional[dict[str, str]] = None) -> dict:
+    """Run one CLI command; its exit code, peak RSS (MiB), seconds (wall, user, system) and its estimate.
+
+    ``environment`` adds to (or overrides) this process's environment.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), **(environment or {}))
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as stdout:
         child = subprocess.Popen([sys.executable, "-m", "SALTSegmentLib.cli", *args, "--progress", "json"],
@@ -81,7 +85,8 @@ def run_child(args: list[str]) -> dict:
     peak = usage.ru_maxrss / 1024 if sys.platform != "darwin" else usage.ru_maxrss / 2 ** 20
     return {"exit": child.returncode, "peak_mib": round(peak), "estimate_mib": estimate.get("total_mib"),
             "terms_mib": {k: v for k, v in estimate.items() if k != "total_mib"},
-            "seconds": round(time.perf_counter() - started, 1)}
+            "seconds": round(time.perf_counter() - started, 1), "user_seconds": round(usage.ru_utime, 1),
+            "system_seconds": round(usage.ru_stime, 1)}
 
 
 def scenarios(folder: Path, steps: int) -> dict[str, list[str]]:

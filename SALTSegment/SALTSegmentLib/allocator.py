@@ -1,4 +1,19 @@
-"""Opt-in (``SALTSEGMENT_LOW_MEMORY=1``): give large freed buffers back to the operating system (glibc).
+"""How the process gets memory for tensors: huge pages for large ones (default), and a low-memory opt-in.
+
+Large tensors on transparent huge pages (Linux, the default of every
+``saltsegment`` command): glibc serves each large tensor from a fresh
+mapping and unmaps it on free, so every training step faults its
+activations in again, 4 KiB at a time. Asking PyTorch to place tensors of
+2 MiB or more on transparent huge pages (its ``THP_MEM_ALLOC_ENABLE``,
+read once, before the first tensor is allocated) makes each fault map
+2 MiB: the memory is still returned on free, and the page faults that
+were a third of the CPU time go. Measured with
+``python scripts/measure_allocator.py`` (docs/quality/README.md,
+"Performance"; README, "Performance"). It needs the kernel's huge pages on
+``always`` or ``madvise`` (most Linux distributions); elsewhere nothing
+changes. ``THP_MEM_ALLOC_ENABLE=0`` in the environment turns it off.
+
+Opt-in (``SALTSEGMENT_LOW_MEMORY=1``): give large freed buffers back to the operating system (glibc).
 
 Training allocates and frees many tensors of a few MB per step. glibc keeps
 freed blocks below its adaptive mmap threshold in the heap, where
@@ -29,6 +44,20 @@ THRESHOLD_BYTES = 128 * 1024
 
 
 LOW_MEMORY_VARIABLE = "SALTSEGMENT_LOW_MEMORY"
+HUGE_PAGES_VARIABLE = "THP_MEM_ALLOC_ENABLE"       # PyTorch's switch (c10's CPU allocator), read once
+
+
+def use_huge_pages_for_large_tensors() -> bool:
+    """On Linux, ask PyTorch to put tensors of 2 MiB or more on transparent huge pages; True if it will.
+
+    Must run before torch allocates its first tensor (before ``import
+    torch``): PyTorch reads the switch once. A value the user set, 0
+    included, is kept.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    os.environ.setdefault(HUGE_PAGES_VARIABLE, "1")
+    return os.environ[HUGE_PAGES_VARIABLE] == "1" and "torch" not in sys.modules
 
 
 def return_large_blocks_to_the_system() -> bool:

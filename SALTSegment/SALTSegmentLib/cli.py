@@ -651,7 +651,9 @@ def _join_torchrun(args):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .allocator import return_large_blocks_to_the_system
+    from .allocator import return_large_blocks_to_the_system, use_huge_pages_for_large_tensors
+
+    use_huge_pages_for_large_tensors()  # before torch is imported: PyTorch reads the switch once
     from .pipeline import JobStopped
     from .progress import make_reporter
 
