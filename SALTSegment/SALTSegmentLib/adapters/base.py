@@ -20,6 +20,19 @@ from torch import nn
 ConfigT = TypeVar("ConfigT", bound="AdapterConfig")
 
 
+def add_low_rank(out: torch.Tensor, hidden: torch.Tensor, left: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``out + alpha * hidden @ left^T`` as one GEMM that accumulates into (a copy of) ``out``.
+
+    ``out`` is a linear layer's output (..., out), ``hidden`` the input already
+    projected on the low-rank factors (..., m), ``left`` (out, m). On
+    TinyViT's token grids the output is far larger than the factors: written
+    as separate ops, the product, its scaling and the sum each pass over it
+    (and, for the backward, keep their own copies); here the GEMM writes it once.
+    """
+    flat = torch.addmm(out.reshape(-1, out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), left.t(), alpha=alpha)
+    return flat.view(out.shape)
+
+
 class AdapterLayer(nn.Module):
     """A frozen ``nn.Linear``/``nn.Conv2d`` plus a trainable weight correction.
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterConfig, AdapterLayer, add_low_rank
 
 
 class _LoRA(AdapterLayer):
@@ -46,7 +46,7 @@ class LoRALinear(_LoRA):
         super().__init__(base, rank, alpha)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scaling
+        return add_low_rank(self.base(x), F.linear(x, self.lora_a), self.lora_b, alpha=self.scaling)
 
 
 class LoRAConv2d(_LoRA):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer
+from .base import AdapterLayer, add_low_rank
 
 CLAMP_MODES = ("diagonal", "reference")
 
@@ -88,7 +88,7 @@ class SpectralAdapter(AdapterLayer):
     estimate (:meth:`uses_activation_path`):
 
     * activation path: ``base(x) + sum ((x @ right^T) core) @ left^T``, cheap for few
-      tokens and small r;
+      tokens and small r (the sum and the addition are one GEMM);
     * weight path: ``F.linear(x, W + dW, b)`` with dW built once, cheap for many
       tokens (the dW build is amortised; training also pays one weight gradient).
 
@@ -171,15 +171,17 @@ class SpectralAdapter(AdapterLayer):
             return torch.zeros_like(self.base.weight)
         return delta.view_as(self.base.weight)
 
-    def _activation_correction(self, x: torch.Tensor) -> torch.Tensor:
-        total = None
+    def _activation_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x)`` plus every correction term through its factors, each term's GEMM accumulating into the
+        output (:func:`add_low_rank`; the left factors are not stacked: at attention ranks U_r is as large as
+        the weight, and copying it on every call cost more than it saved)."""
+        out = self.base(x)
         for left, core, right in self.correction_terms():
             hidden = F.linear(x, right)
             if core is not None:
                 hidden = hidden * core if core.dim() == 1 else F.linear(hidden, core)
-            term = F.linear(hidden, left)
-            total = term if total is None else total + term
-        return total
+            out = add_low_rank(out, hidden, left)
+        return out
 
     def uses_activation_path(self, tokens: int) -> bool:
         """Flop estimate: is the activation path cheaper than the weight path here?
@@ -219,9 +221,7 @@ class SpectralAdapter(AdapterLayer):
             return self.apply_weight(x, self.base.weight + self.delta_weight())
         tokens = x.numel() // max(x.shape[-1], 1)
         if self.uses_activation_path(tokens):
-            correction = self._activation_correction(x)
-            out = self.base(x)
-            return out if correction is None else out + correction
+            return self._activation_forward(x)
         return self.apply_weight(x, self.base.weight + self.delta_weight())
 
     def extra_repr(self) -> str:
