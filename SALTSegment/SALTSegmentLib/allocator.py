@@ -6,8 +6,8 @@ mapping and unmaps it on free, so every training step faults its
 activations in again, 4 KiB at a time. Asking PyTorch to place tensors of
 2 MiB or more on transparent huge pages (its ``THP_MEM_ALLOC_ENABLE``,
 read once, before the first tensor is allocated) makes each fault map
-2 MiB: the memory is still returned on free, and the page faults that
-were a third of the CPU time go (``python scripts/measure_allocator.py``;
+2 MiB: the memory is still returned on free, and most of the page faults that
+were over a quarter of the CPU time go (``python scripts/measure_allocator.py``;
 its numbers are in the README, "Performance"). It needs the kernel's huge pages on
 ``always`` or ``madvise`` (most Linux distributions); elsewhere nothing
 changes. ``THP_MEM_ALLOC_ENABLE=0`` in the environment turns it off.
