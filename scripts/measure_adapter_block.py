@@ -22,6 +22,7 @@ import copy
 import json
 import statistics
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -82,26 +83,25 @@ def _wrapped(block: nn.Module, kind: type, wrapper: type) -> nn.Module:
     return block
 
 
+@torch.no_grad()
+def _perturb_(model: nn.Module) -> None:
+    """Give every adapter a non-zero correction (SALT's residual Y, LoRA's B start at zero)."""
+    for layer in model.modules():
+        for name in ("residual_y", "lora_b"):
+            if getattr(layer, name, None) is not None:
+                getattr(layer, name).normal_(0.0, 1e-2)
+
+
 def build_variants(seed: int = 0) -> dict[str, nn.Module]:
     torch.manual_seed(seed)
     base = Block(dim=768, num_heads=12, mlp_ratio=4.0, qkv_bias=True, use_rel_pos=False, window_size=0)
     salt = copy.deepcopy(base)
-    layers = inject_adapters(salt, "salt", attention_rank=760, mlp_rank=50, lora_rank=4, trainable=("norm",))
-    with torch.no_grad():
-        for layer in layers.values():
-            layer.residual_y.normal_(0.0, 1e-2)
-    dense = copy.deepcopy(salt)
-    for name in layers:
-        parent, _, child = name.rpartition(".")
-        module = dense.get_submodule(parent)
-        setattr(module, child, DenseSALTLinear(getattr(module, child)))
+    inject_adapters(salt, "salt", attention_rank=760, mlp_rank=50, lora_rank=4, trainable=("norm",))
+    _perturb_(salt)
     lora = copy.deepcopy(base)
     inject_adapters(lora, "lora", rank=4, trainable=("norm",))
-    for layer in lora.modules():
-        if isinstance(layer, LoRALinear):
-            with torch.no_grad():
-                layer.lora_b.normal_(0.0, 1e-2)
-    variants = {"salt": salt, "lora": lora, "dense_salt": dense,
+    _perturb_(lora)
+    variants = {"salt": salt, "lora": lora, "dense_salt": _wrapped(salt, SALTLinear, DenseSALTLinear),
                 "salt_activation_separate_sum": _wrapped(salt, SALTLinear, SeparateSumLinear),
                 "lora_separate_sum": _wrapped(lora, LoRALinear, SeparateSumLinear)}
     for path in ("activation", "weight"):
@@ -113,12 +113,21 @@ def build_variants(seed: int = 0) -> dict[str, nn.Module]:
     return variants
 
 
-def step(block: nn.Module, x: torch.Tensor) -> float:
-    start = time.perf_counter()
-    block(x).square().mean().backward()
-    elapsed = time.perf_counter() - start
-    block.zero_grad(set_to_none=True)
-    return elapsed * 1000.0
+def interleaved_medians(variants: dict[str, nn.Module], forward: Callable[[nn.Module], torch.Tensor],
+                        reps: int, warmup: int) -> dict[str, float]:
+    """Median milliseconds of ``forward(variant)`` + backward per variant, the order rotated every repetition."""
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(warmup + reps):
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            model = variants[name]
+            start = time.perf_counter()
+            forward(model).square().mean().backward()
+            elapsed = time.perf_counter() - start
+            model.zero_grad(set_to_none=True)
+            if rep >= warmup:
+                times[name].append(elapsed * 1000.0)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def run(grid: int, batch: int, reps: int, warmup: int) -> dict:
@@ -130,15 +139,7 @@ def run(grid: int, batch: int, reps: int, warmup: int) -> dict:
         for name, layer in variants["salt"].named_modules()
         if isinstance(layer, SALTLinear)
     }
-    names = list(variants)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(warmup + reps):
-        order = names[rep % len(names):] + names[: rep % len(names)]
-        for name in order:
-            elapsed = step(variants[name], x)
-            if rep >= warmup:
-                times[name].append(elapsed)
-    medians = {name: statistics.median(values) for name, values in times.items()}
+    medians = interleaved_medians(variants, lambda block: block(x), reps, warmup)
     return {
         "grid": grid,
         "batch": batch,
@@ -166,29 +167,14 @@ def run_lite_medsam(reps: int, warmup: int) -> dict:
         torch.manual_seed(0)
         model = load_model("lite_medsam")
         apply_method(model, method)
-        with torch.no_grad():
-            for layer in model.modules():
-                for name in ("residual_y", "lora_b"):
-                    if getattr(layer, name, None) is not None:
-                        getattr(layer, name).normal_(0.0, 1e-2)
+        _perturb_(model)
         variants[method] = model
         variants[f"{method}_separate_sum"] = _wrapped(model, kind, SeparateSumLinear)
     images = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(1))
     depth = variants["salt"].frozen_prefix_depth()
     with torch.no_grad():
         features = variants["salt"].encode_prefix(images, (256, 256), depth)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    names = list(variants)
-    for rep in range(warmup + reps):
-        for name in names[rep % len(names):] + names[: rep % len(names)]:
-            model = variants[name]
-            start = time.perf_counter()
-            model.encode_rest(features, depth).square().mean().backward()
-            elapsed = time.perf_counter() - start
-            model.zero_grad(set_to_none=True)
-            if rep >= warmup:
-                times[name].append(elapsed * 1000.0)
-    medians = {name: statistics.median(values) for name, values in times.items()}
+    medians = interleaved_medians(variants, lambda model: model.encode_rest(features, depth), reps, warmup)
     return {"reps": reps, "threads": torch.get_num_threads(),
             "median_ms": {name: round(value, 1) for name, value in medians.items()},
             "ratios": {f"{method}/separate_sum": round(medians[method] / medians[f"{method}_separate_sum"], 3)
