@@ -16,14 +16,22 @@ from pathlib import Path
 import pytest
 
 PROBE = "from SALTSegmentLib.allocator import return_large_blocks_to_the_system as f; print(f())"
+LOW_MEMORY = "SALTSEGMENT_LOW_MEMORY"
+HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"
+KERNEL_HUGE_PAGES = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _run(code: str, variable: str = HUGE_PAGES, value: str | None = None) -> str:
+    """``code``'s output in a fresh interpreter, ``variable`` unset (None) or set to ``value``."""
+    env = {k: v for k, v in os.environ.items() if k != variable}
+    if value is not None:
+        env[variable] = value
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120, check=True).stdout.strip()
 
 
 def _probe(value: str | None) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "SALTSEGMENT_LOW_MEMORY"}
-    if value is not None:
-        env["SALTSEGMENT_LOW_MEMORY"] = value
-    return subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env,
-                          timeout=60, check=True).stdout.strip()
+    return _run(PROBE, LOW_MEMORY, value)
 
 
 def test_default_leaves_the_allocator_alone():
@@ -35,17 +43,6 @@ def test_default_leaves_the_allocator_alone():
 def test_low_memory_switch_takes_effect_on_linux():
     assert _probe("1") == "True"
 
-
-HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"
-KERNEL_HUGE_PAGES = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
-def _run(code: str, huge_pages: str | None = None) -> str:
-    env = {k: v for k, v in os.environ.items() if k != HUGE_PAGES}
-    if huge_pages is not None:
-        env[HUGE_PAGES] = huge_pages
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          timeout=120, check=True).stdout.strip()
 
 
 def _kernel_mode() -> str:
@@ -59,7 +56,7 @@ def test_huge_pages_are_asked_for_before_torch_and_a_users_choice_is_kept():
     probe = ("from SALTSegmentLib.allocator import use_huge_pages_for_large_tensors as f; import os; "
              f"print(f(), os.environ['{HUGE_PAGES}'])")
     assert _run(probe) == "True 1"
-    assert _run(probe, huge_pages="0") == "False 0"
+    assert _run(probe, value="0") == "False 0"
     late = f"import torch; {probe}"                # torch already imported: too late to take effect
     assert _run(late) == "False 1"
 
@@ -81,4 +78,4 @@ def test_a_large_tensor_lands_on_huge_pages():
              "print(int(re.search(r'AnonHugePages:\\s+(\\d+) kB', open('/proc/self/smaps_rollup').read())[1]))")
     assert int(_run(probe)) >= 32 << 10        # kB: at least half the tensor on 2 MiB pages
     if _kernel_mode() == "madvise":            # only where asked: without the switch, none
-        assert int(_run(probe, huge_pages="0")) < 32 << 10
+        assert int(_run(probe, value="0")) < 32 << 10
